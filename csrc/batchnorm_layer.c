@@ -1,0 +1,329 @@
+/*
+ * batchnorm_layer.c - the batch-norm layer: lifecycle, fused forward and
+ * backward, Darknet's update.
+ *
+ * Forward (training) is two phases per channel: moments (one read of the
+ * input), then one elementwise pass that writes x, x_norm and output. Backward
+ * is two phases too: the sums (sum dy, sum dy*x_norm), then one pass writing
+ * the input delta. When every thread owns whole channels, both phases of a
+ * channel run back to back on one core, so the second pass reads the channel
+ * from cache; otherwise a channel's parts are reduced first and then mapped.
+ *
+ * Darknet numerics need x - mean in backward; it is x_norm * (sqrt(var) + 1e-6)
+ * by the forward's definition, so backward reads x_norm and delta only.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum { STATE_NONE = 0, STATE_INFERENCE = 1, STATE_TRAINING = 2 };
+
+/* Per-channel doubles kept from forward for backward (layer->scratch). */
+enum { SC_MEAN, SC_INV, SC_A, SC_B, SC_C, SC_WIDTH };
+
+static void reset_running(batchnorm_layer *l)
+{
+    for (int f = 0; f < l->out_c; f++) {
+        l->rolling_mean[f] = 0.0f;
+        l->rolling_variance[f] = l->numerics == DNBN_NUMERICS_STANDARD ? 1.0f : 0.0f;
+    }
+}
+
+batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
+{
+    if (batch <= 0 || w <= 0 || h <= 0 || c <= 0 || (idx_t)c * h * w > INT_MAX ||
+        (idx_t)batch * c * h * w > (idx_t)(SIZE_MAX / 4 / sizeof(float))) {
+        errno = EINVAL;
+        return NULL;
+    }
+    batchnorm_layer *l = calloc(1, sizeof *l);
+    if (!l) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    l->batch = batch;
+    l->out_c = c;
+    l->out_h = h;
+    l->out_w = w;
+    l->outputs = c * h * w;
+    l->numerics = DNBN_NUMERICS_DARKNET;
+    l->eps = 0.00001f;
+    l->momentum = 0.01f;
+    l->state = STATE_NONE;
+
+    size_t total = (size_t)batch * (size_t)l->outputs;
+    float **activations[] = {&l->output, &l->delta, &l->x, &l->x_norm};
+    float **channels[] = {&l->scales,       &l->biases,           &l->scale_updates, &l->bias_updates,
+                          &l->mean,         &l->variance,         &l->rolling_mean,  &l->rolling_variance,
+                          &l->mean_delta,   &l->variance_delta};
+    int ok = 1;
+    for (size_t i = 0; i < sizeof activations / sizeof *activations; i++)
+        ok &= (*activations[i] = calloc(total, sizeof(float))) != NULL;
+    for (size_t i = 0; i < sizeof channels / sizeof *channels; i++)
+        ok &= (*channels[i] = calloc((size_t)c, sizeof(float))) != NULL;
+    ok &= (l->scratch = calloc((size_t)c * SC_WIDTH, sizeof(double))) != NULL;
+    if (!ok) {
+        free_batchnorm_layer(l);
+        errno = ENOMEM;
+        return NULL;
+    }
+    for (int f = 0; f < c; f++) l->scales[f] = 1.0f;
+    reset_running(l);
+    return l;
+}
+
+void free_batchnorm_layer(batchnorm_layer *l)
+{
+    if (!l) return;
+    float *buffers[] = {l->output,       l->delta,        l->x,          l->x_norm,
+                        l->scales,       l->biases,       l->scale_updates, l->bias_updates,
+                        l->mean,         l->variance,     l->rolling_mean, l->rolling_variance,
+                        l->mean_delta,   l->variance_delta};
+    for (size_t i = 0; i < sizeof buffers / sizeof *buffers; i++) free(buffers[i]);
+    free(l->scratch);
+    free(l);
+}
+
+int batchnorm_layer_set_numerics(batchnorm_layer *l, int numerics, float eps, float momentum)
+{
+    if (!l || (numerics != DNBN_NUMERICS_DARKNET && numerics != DNBN_NUMERICS_STANDARD)) return DNBN_ERR_ARG;
+    if (!(momentum >= 0.0f && momentum <= 1.0f)) return DNBN_ERR_ARG;
+    if (numerics == DNBN_NUMERICS_STANDARD && !(eps > 0.0f && isfinite(eps))) return DNBN_ERR_ARG;
+    l->numerics = numerics;
+    l->eps = numerics == DNBN_NUMERICS_STANDARD ? eps : 0.00001f;
+    l->momentum = momentum;
+    l->state = STATE_NONE;
+    reset_running(l);
+    return DNBN_OK;
+}
+
+int batchnorm_layer_state(const batchnorm_layer *l) { return l ? l->state : STATE_NONE; }
+
+/* ---- forward ---- */
+
+typedef struct pass {
+    batchnorm_layer *l;
+    const dnbn_rows *r;
+    const dnbn_part *pt;
+    const float *in; /* forward: the input; backward: dy */
+    double *sc;      /* the channel's scratch row, set per unit */
+} pass;
+
+/* Channel f's statistics from its moments: mean, variance, running stats, and
+ * the normalizer kept for the elementwise pass and for backward. */
+static void finish_stats(void *arg, idx_t f, const double acc[3])
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    double m = acc[0], mean = acc[1], unbiased = acc[2] / (m - 1);
+    double var, inv;
+    if (l->numerics == DNBN_NUMERICS_DARKNET) {
+        var = unbiased; /* Darknet quirk: unbiased variance, epsilon outside the root */
+        inv = 1.0 / (sqrt(var) + DARKNET_EPS_FORWARD);
+    } else {
+        var = acc[2] / m;
+        inv = 1.0 / sqrt(var + (double)l->eps);
+    }
+    double mom = l->momentum;
+    l->mean[f] = (float)mean;
+    l->variance[f] = (float)var;
+    l->rolling_mean[f] = (float)((1 - mom) * l->rolling_mean[f] + mom * mean);
+    l->rolling_variance[f] = (float)((1 - mom) * l->rolling_variance[f] + mom * unbiased);
+    double *sc = l->scratch + f * SC_WIDTH;
+    sc[SC_MEAN] = mean;
+    sc[SC_INV] = inv;
+}
+
+static void train_run(void *arg, idx_t off, idx_t len)
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    idx_t f = (off / p->pt->spatial) % p->pt->filters;
+    const double *sc = p->sc;
+    float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh);
+    p->r->forward_train(p->in + off, l->x + off, l->x_norm + off, l->output + off, len, mh, ml,
+                        (float)sc[SC_INV], l->scales[f], l->biases[f]);
+}
+
+static void train_map_unit(void *arg, idx_t unit)
+{
+    pass p = *(pass *)arg;
+    p.sc = p.l->scratch + (unit / p.pt->parts) * SC_WIDTH;
+    dnbn_for_runs(p.pt, unit, train_run, &p);
+}
+
+static void stats_unit(void *arg, idx_t unit, double acc[3])
+{
+    pass *p = arg;
+    dnbn_unit_moments(p->r, p->pt, p->in, unit, acc);
+}
+
+/* parts == 1: a whole channel per unit, statistics then transform. */
+static void train_fused_unit(void *arg, idx_t unit)
+{
+    double acc[3];
+    stats_unit(arg, unit, acc);
+    finish_stats(arg, unit, acc);
+    train_map_unit(arg, unit);
+}
+
+static void infer_run(void *arg, idx_t off, idx_t len)
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    idx_t f = (off / p->pt->spatial) % p->pt->filters;
+    float rm = l->rolling_mean[f];
+    double rv = l->rolling_variance[f];
+    double inv = l->numerics == DNBN_NUMERICS_DARKNET ? 1.0 / (sqrt(rv) + DARKNET_EPS_FORWARD)
+                                                      : 1.0 / sqrt(rv + (double)l->eps);
+    p->r->forward_infer(p->in + off, l->output + off, len, rm, 0.0f, (float)inv, l->scales[f], l->biases[f]);
+}
+
+static void infer_unit(void *arg, idx_t unit)
+{
+    pass *p = arg;
+    dnbn_for_runs(p->pt, unit, infer_run, p);
+}
+
+int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
+{
+    if (!l || !net.input) return DNBN_ERR_ARG;
+    int spatial = l->out_h * l->out_w;
+    if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
+    pass p = {l, dnbn_rows_active(), &pt, net.input, NULL};
+    if (!net.train) {
+        dnbn_map_units(&pt, infer_unit, &p);
+        l->state = STATE_INFERENCE;
+        return DNBN_OK;
+    }
+    if (pt.parts == 1) {
+        dnbn_map_units(&pt, train_fused_unit, &p);
+    } else {
+        dnbn_reduce r = {stats_unit, dnbn_moments_merge, finish_stats, &p};
+        dnbn_reduce_channels(&pt, &r);
+        dnbn_map_units(&pt, train_map_unit, &p);
+    }
+    l->state = STATE_TRAINING;
+    return DNBN_OK;
+}
+
+/* ---- backward ---- */
+
+static void sums_run(void *arg, idx_t off, idx_t len)
+{
+    struct {
+        pass *p;
+        double *acc;
+    } *c = arg;
+    c->p->r->sum_dot(c->p->in + off, c->p->l->x_norm + off, len, &c->acc[0], &c->acc[1]);
+}
+
+static void sums_unit(void *arg, idx_t unit, double acc[3])
+{
+    struct {
+        pass *p;
+        double *acc;
+    } c = {arg, acc};
+    acc[0] = acc[1] = acc[2] = 0;
+    dnbn_for_runs(((pass *)arg)->pt, unit, sums_run, &c);
+}
+
+/* Channel f's parameter gradients and the coefficients of dx = dy*A + x_norm*B + C. */
+static void finish_sums(void *arg, idx_t f, const double acc[3])
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    double sum_dy = acc[0], sum_dy_xn = acc[1], m = (double)p->pt->m;
+    double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH;
+    l->bias_updates[f] = (float)((double)l->bias_updates[f] + sum_dy);
+    l->scale_updates[f] = (float)((double)l->scale_updates[f] + sum_dy_xn);
+    if (l->numerics == DNBN_NUMERICS_DARKNET) {
+        /* Darknet's mean_delta_cpu, variance_delta_cpu and normalize_delta_cpu on
+         * delta*gamma, with x - mean = x_norm / inv and epsilon inside the root. */
+        double var = l->variance[f], r = 1.0 / sqrt(var + DARKNET_EPS_BACKWARD);
+        double md = gamma * sum_dy * -r;
+        double vd = gamma * (sum_dy_xn / sc[SC_INV]) * -0.5 * r * r * r;
+        l->mean_delta[f] = (float)md;
+        l->variance_delta[f] = (float)vd;
+        sc[SC_A] = gamma * r;
+        sc[SC_B] = vd * 2.0 / sc[SC_INV] / m;
+        sc[SC_C] = md / m;
+    } else {
+        /* exact gradient: dx = gamma*inv*(dy - mean(dy) - x_hat*mean(dy*x_hat)) */
+        double inv = sc[SC_INV];
+        l->mean_delta[f] = (float)(-gamma * inv * sum_dy);
+        l->variance_delta[f] = (float)(-0.5 * gamma * inv * inv * sum_dy_xn);
+        sc[SC_A] = gamma * inv;
+        sc[SC_B] = -gamma * inv * sum_dy_xn / m;
+        sc[SC_C] = -gamma * inv * sum_dy / m;
+    }
+}
+
+static void apply_run(void *arg, idx_t off, idx_t len)
+{
+    pass *p = arg;
+    p->r->backward_apply(p->l->delta + off, p->in + off, p->l->x_norm + off, len, (float)p->sc[SC_A],
+                         (float)p->sc[SC_B], (float)p->sc[SC_C]);
+}
+
+static void apply_unit(void *arg, idx_t unit)
+{
+    pass p = *(pass *)arg;
+    p.sc = p.l->scratch + (unit / p.pt->parts) * SC_WIDTH;
+    dnbn_for_runs(p.pt, unit, apply_run, &p);
+}
+
+static void backward_fused_unit(void *arg, idx_t unit)
+{
+    double acc[3];
+    sums_unit(arg, unit, acc);
+    finish_sums(arg, unit, acc);
+    apply_unit(arg, unit);
+}
+
+int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
+{
+    if (!l || !delta_in) return DNBN_ERR_ARG;
+    if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    pass p = {l, dnbn_rows_active(), &pt, delta_in, NULL};
+    if (pt.parts == 1) {
+        dnbn_map_units(&pt, backward_fused_unit, &p);
+    } else {
+        dnbn_reduce r = {sums_unit, NULL, finish_sums, &p};
+        dnbn_reduce_channels(&pt, &r);
+        dnbn_map_units(&pt, apply_unit, &p);
+    }
+    return DNBN_OK;
+}
+
+int backward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
+{
+    if (!l) return DNBN_ERR_ARG;
+    if (!net.train) return DNBN_ERR_STATE;
+    int status = backward_batchnorm_layer_from(l, l->delta);
+    if (status == DNBN_OK && net.delta && net.delta != l->delta)
+        memcpy(net.delta, l->delta, (size_t)l->batch * (size_t)l->outputs * sizeof(float));
+    return status;
+}
+
+/* ---- update ---- */
+
+int update_batchnorm_layer(batchnorm_layer *l, float learning_rate, float momentum, float decay)
+{
+    (void)decay; /* Darknet applies no weight decay to batch-norm scales and biases */
+    if (!l) return DNBN_ERR_ARG;
+    float step = learning_rate / (float)l->batch;
+    for (int f = 0; f < l->out_c; f++) {
+        l->biases[f] += step * l->bias_updates[f];
+        l->bias_updates[f] *= momentum;
+        l->scales[f] += step * l->scale_updates[f];
+        l->scale_updates[f] *= momentum;
+    }
+    return DNBN_OK;
+}

@@ -1,0 +1,197 @@
+/*
+ * channels.c - cutting a tensor into per-channel work units, running them on
+ * threads, and the per-channel moments every statistic is built from.
+ */
+#include <math.h>
+
+#include "internal.h"
+
+/* Values summed with one shift before the block is folded into the channel's
+ * moments: bounds the cancellation in sum (x-k)^2 - (sum (x-k))^2 / n. */
+#define MOMENT_BLOCK 2048
+
+dnbn_part dnbn_partition(int batch, int filters, int spatial)
+{
+    dnbn_part pt = {0};
+    if (batch <= 0 || filters <= 0 || spatial <= 0) return pt;
+    pt.batch = batch;
+    pt.filters = filters;
+    pt.spatial = spatial;
+    pt.m = (idx_t)batch * spatial;
+    pt.threads = dnbn_threads_for(pt.m * filters);
+    pt.parts = 1;
+    if (filters < pt.threads) {
+        idx_t parts = (pt.threads + filters - 1) / filters;
+        pt.parts = (int)(parts < pt.m ? parts : pt.m);
+    }
+    return pt;
+}
+
+idx_t dnbn_unit_count(const dnbn_part *pt, idx_t unit)
+{
+    idx_t p = unit % pt->parts;
+    return pt->m * (p + 1) / pt->parts - pt->m * p / pt->parts;
+}
+
+void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx)
+{
+    idx_t f = unit / pt->parts, p = unit % pt->parts;
+    idx_t j = pt->m * p / pt->parts, end = pt->m * (p + 1) / pt->parts;
+    while (j < end) {
+        idx_t b = j / pt->spatial, i = j - b * pt->spatial;
+        idx_t len = pt->spatial - i;
+        if (len > end - j) len = end - j;
+        fn(ctx, (b * pt->filters + f) * pt->spatial + i, len);
+        j += len;
+    }
+}
+
+/* ---- drivers ---- */
+
+typedef struct reduce_job {
+    const dnbn_part *pt;
+    const dnbn_reduce *r;
+    double (*partial)[3]; /* per unit, when parts > 1 */
+} reduce_job;
+
+static void reduce_range(void *arg, idx_t lo, idx_t hi)
+{
+    reduce_job *job = arg;
+    for (idx_t u = lo; u < hi; u++) {
+        double acc[3] = {0, 0, 0};
+        job->r->unit(job->r->ctx, u, acc);
+        if (job->partial) {
+            for (int k = 0; k < 3; k++) job->partial[u][k] = acc[k];
+        } else {
+            job->r->finish(job->r->ctx, u, acc);
+        }
+    }
+}
+
+void dnbn_reduce_channels(const dnbn_part *pt, const dnbn_reduce *r)
+{
+    idx_t units = pt->filters * pt->parts;
+    if (units <= 0) return;
+    if (pt->parts == 1) {
+        reduce_job job = {pt, r, NULL};
+        dnbn_parallel_for(units, pt->threads, reduce_range, &job);
+        return;
+    }
+    /* parts > 1 only when filters < threads <= DNBN_MAX_THREADS, so
+     * units < 2 * DNBN_MAX_THREADS. */
+    double partial[2 * DNBN_MAX_THREADS][3];
+    reduce_job job = {pt, r, partial};
+    dnbn_parallel_for(units, pt->threads, reduce_range, &job);
+    for (idx_t f = 0; f < pt->filters; f++) {
+        double *acc = partial[f * pt->parts];
+        for (idx_t p = 1; p < pt->parts; p++) {
+            const double *b = partial[f * pt->parts + p];
+            if (r->merge) {
+                r->merge(acc, b);
+            } else {
+                for (int k = 0; k < 3; k++) acc[k] += b[k];
+            }
+        }
+        r->finish(r->ctx, f, acc);
+    }
+}
+
+typedef struct map_job {
+    void (*unit)(void *ctx, idx_t unit);
+    void *ctx;
+} map_job;
+
+static void map_range(void *arg, idx_t lo, idx_t hi)
+{
+    map_job *job = arg;
+    for (idx_t u = lo; u < hi; u++) job->unit(job->ctx, u);
+}
+
+void dnbn_map_units(const dnbn_part *pt, void (*unit)(void *ctx, idx_t unit), void *ctx)
+{
+    map_job job = {unit, ctx};
+    dnbn_parallel_for(pt->filters * pt->parts, pt->threads, map_range, &job);
+}
+
+/* ---- moments ---- */
+
+void dnbn_moments_merge(double a[3], const double b[3])
+{
+    if (b[0] == 0) return;
+    if (a[0] == 0) {
+        a[0] = b[0], a[1] = b[1], a[2] = b[2];
+        return;
+    }
+    double n = a[0] + b[0], d = b[1] - a[1];
+    a[1] += d * (b[0] / n);
+    a[2] += b[2] + d * d * (a[0] * b[0] / n);
+    a[0] = n;
+}
+
+typedef struct moments_ctx {
+    const dnbn_rows *r;
+    const float *x;
+    double *acc;
+} moments_ctx;
+
+static void moments_run(void *arg, idx_t offset, idx_t len)
+{
+    moments_ctx *c = arg;
+    const float *x = c->x + offset;
+    for (idx_t i = 0; i < len; i += MOMENT_BLOCK) {
+        idx_t n = len - i < MOMENT_BLOCK ? len - i : MOMENT_BLOCK;
+        double k = x[i], s1, s2;
+        c->r->shifted_sums(x + i, n, k, &s1, &s2);
+        double m2 = s2 - s1 * (s1 / (double)n);
+        double block[3] = {(double)n, k + s1 / (double)n, m2 < 0 ? 0 : m2};
+        dnbn_moments_merge(c->acc, block);
+    }
+}
+
+void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double acc[3])
+{
+    acc[0] = acc[1] = acc[2] = 0;
+    moments_ctx c = {r, x, acc};
+    dnbn_for_runs(pt, unit, moments_run, &c);
+}
+
+/* ---- public statistics phase ---- */
+
+typedef struct public_moments_ctx {
+    const dnbn_rows *r;
+    const dnbn_part *pt;
+    const float *x;
+    double *mean, *m2;
+} public_moments_ctx;
+
+static void public_moments_unit(void *arg, idx_t unit, double acc[3])
+{
+    public_moments_ctx *c = arg;
+    dnbn_unit_moments(c->r, c->pt, c->x, unit, acc);
+}
+
+static void public_moments_finish(void *arg, idx_t f, const double acc[3])
+{
+    public_moments_ctx *c = arg;
+    c->mean[f] = acc[1];
+    c->m2[f] = acc[2];
+}
+
+void batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2)
+{
+    dnbn_part pt = dnbn_partition(batch, filters, spatial);
+    public_moments_ctx c = {dnbn_rows_active(), &pt, x, mean, m2};
+    dnbn_reduce r = {public_moments_unit, dnbn_moments_merge, public_moments_finish, &c};
+    dnbn_reduce_channels(&pt, &r);
+}
+
+void batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
+                               const double *mean_b, const double *m2_b)
+{
+    for (idx_t f = 0; f < filters; f++) {
+        double a[3] = {n_a, mean_a[f], m2_a[f]}, b[3] = {n_b, mean_b[f], m2_b[f]};
+        dnbn_moments_merge(a, b);
+        mean_a[f] = a[1];
+        m2_a[f] = a[2];
+    }
+}

@@ -1,0 +1,240 @@
+/*
+ * darknet_bn.h - batch normalization on the CPU, in the Darknet style.
+ *
+ * The one public header of darknet_bn. It declares:
+ *
+ *   1. Darknet's ten batch-norm kernels, under Darknet's own names, argument
+ *      orders and types, so a Darknet-style network can link them in place of
+ *      its own (src/blas.c, src/batchnorm_layer.c, src/convolutional_layer.c).
+ *   2. The same kernels' straightforward reference loops (suffix _ref).
+ *   3. A batch-norm layer over a struct with Darknet's field names:
+ *      make / forward / backward / update / free.
+ *   4. The statistics phase on its own, so per-channel partial moments from
+ *      several processes can be combined before normalizing.
+ *   5. Library settings: thread count, instruction-set path, version, errors.
+ *
+ * Memory layout. Every activation buffer is float32, NCHW, contiguous: element
+ * (b, f, i) of a tensor with `batch` images, `filters` channels and `spatial`
+ * (= h*w) positions is at index (b*filters + f)*spatial + i. A fully connected
+ * layer is spatial == 1. Per-channel vectors hold `filters` floats. m denotes
+ * batch*spatial, the number of values per channel. Index arithmetic inside the
+ * library is 64-bit, so a tensor may hold more than 2^31 elements.
+ *
+ * Sign convention (Darknet's): `delta` holds -dLoss/dOutput, and the *_updates
+ * buffers accumulate (+=) sums of it. Backward is linear in delta.
+ *
+ * Accuracy. Sums over a channel are accumulated in double precision (Darknet's
+ * float accumulators lose everything on data with a large offset).
+ *
+ * Threads. Work is split over channels, and inside channels when there are
+ * fewer channels than threads; for a given thread count results are
+ * deterministic. Kernels are reentrant and never allocate, print or exit.
+ *
+ * Worked example, a training step of a layer (error checks omitted):
+ *
+ *     batchnorm_layer *l = make_batchnorm_layer(8, 52, 52, 128);
+ *     batchnorm_network net = { .input = x, .delta = dx, .train = 1 };
+ *     forward_batchnorm_layer(l, net);        // l->output is y
+ *     // ... the next layer writes -dLoss/dy into l->delta ...
+ *     backward_batchnorm_layer(l, net);       // dx = -dLoss/dx
+ *     update_batchnorm_layer(l, 0.01f, 0.9f, 0.0005f);
+ *     free_batchnorm_layer(l);
+ */
+#ifndef DARKNET_BN_H
+#define DARKNET_BN_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* --- cdef begin --- (darknet_bn/_ffi_build.py reads from here to "cdef end") */
+
+/* Status codes returned by the functions that can fail. */
+#define DNBN_OK 0            /* success */
+#define DNBN_ERR_ARG 1       /* an argument is out of range (size, count, NULL) */
+#define DNBN_ERR_NOMEM 2     /* memory could not be allocated */
+#define DNBN_ERR_STATE 3     /* the call does not fit the layer's state */
+
+/* Numerics of a layer (see README): Darknet's quirks, or the paper's/PyTorch's. */
+#define DNBN_NUMERICS_DARKNET 0
+#define DNBN_NUMERICS_STANDARD 1
+
+
+/* ===== 1. Darknet's kernels ==============================================
+ * Sizes: a kernel called with batch, filters/n, or spatial/size <= 0 does
+ * nothing. Pointers must be valid for the sizes given; an output must not
+ * overlap an input except where the kernel works in place. */
+
+/* mean[f] = (1/m) * sum over b, i of x[b, f, i].  Overwrites mean. */
+void mean_cpu(float *x, int batch, int filters, int spatial, float *mean);
+
+/* variance[f] = (1/(m-1)) * sum (x - mean[f])^2, the unbiased estimate (a
+ * Darknet quirk). Overwrites variance; m == 1 gives variance 0. */
+void variance_cpu(float *x, float *mean, int batch, int filters, int spatial, float *variance);
+
+/* In place: x = (x - mean[f]) / (sqrt(variance[f]) + 1e-6).
+ * Darknet quirk: epsilon outside the square root. */
+void normalize_cpu(float *x, float *mean, float *variance, int batch, int filters, int spatial);
+
+/* In place: output[b, f, i] *= scales[f]. */
+void scale_bias(float *output, float *scales, int batch, int n, int size);
+
+/* In place: output[b, f, i] += biases[f]. */
+void add_bias(float *output, float *biases, int batch, int n, int size);
+
+/* Accumulates: bias_updates[f] += sum over b, i of delta[b, f, i]. */
+void backward_bias(float *bias_updates, float *delta, int batch, int n, int size);
+
+/* Accumulates: scale_updates[f] += sum delta * x_norm. */
+void backward_scale_cpu(float *x_norm, float *delta, int batch, int n, int size, float *scale_updates);
+
+/* Overwrites: mean_delta[f] = (sum delta) * (-1 / sqrt(variance[f] + 1e-5)). */
+void mean_delta_cpu(float *delta, float *variance, int batch, int filters, int spatial, float *mean_delta);
+
+/* Overwrites: variance_delta[f] =
+ *   (sum delta * (x - mean[f])) * (-1/2) * (variance[f] + 1e-5)^(-3/2). */
+void variance_delta_cpu(float *x, float *delta, float *mean, float *variance, int batch, int filters,
+                        int spatial, float *variance_delta);
+
+/* In place: delta = delta / sqrt(variance[f] + 1e-5)
+ *                 + variance_delta[f] * 2 * (x - mean[f]) / m + mean_delta[f] / m.
+ * Darknet quirk: epsilon inside the square root here, outside in forward. */
+void normalize_delta_cpu(float *x, float *mean, float *variance, float *mean_delta, float *variance_delta,
+                         int batch, int filters, int spatial, float *delta);
+
+/* ===== 2. Reference kernels ================================================
+ * The same ten kernels written as Darknet writes its loops (one scalar loop
+ * nest, no threads, no vectors) but with double accumulators. The baseline of
+ * the benchmarks and a second oracle in the tests. Same contracts as above. */
+
+void mean_cpu_ref(float *x, int batch, int filters, int spatial, float *mean);
+void variance_cpu_ref(float *x, float *mean, int batch, int filters, int spatial, float *variance);
+void normalize_cpu_ref(float *x, float *mean, float *variance, int batch, int filters, int spatial);
+void scale_bias_ref(float *output, float *scales, int batch, int n, int size);
+void add_bias_ref(float *output, float *biases, int batch, int n, int size);
+void backward_bias_ref(float *bias_updates, float *delta, int batch, int n, int size);
+void backward_scale_cpu_ref(float *x_norm, float *delta, int batch, int n, int size, float *scale_updates);
+void mean_delta_cpu_ref(float *delta, float *variance, int batch, int filters, int spatial, float *mean_delta);
+void variance_delta_cpu_ref(float *x, float *delta, float *mean, float *variance, int batch, int filters,
+                            int spatial, float *variance_delta);
+void normalize_delta_cpu_ref(float *x, float *mean, float *variance, float *mean_delta, float *variance_delta,
+                             int batch, int filters, int spatial, float *delta);
+
+/* ===== 3. The layer ======================================================== */
+
+/* The layer. Field names are Darknet's. Buffers are owned by the layer:
+ * activation buffers hold batch*outputs floats, per-channel ones out_c. */
+typedef struct batchnorm_layer {
+    int batch;              /* images per batch */
+    int out_c, out_h, out_w; /* channels, height, width (input shape = output shape) */
+    int outputs;            /* out_c*out_h*out_w, values per image */
+
+    float *output;          /* y, written by forward */
+    float *delta;           /* -dLoss/dy, written by the next layer; backward turns it into -dLoss/dx */
+    float *x;               /* copy of the input of the last training forward */
+    float *x_norm;          /* normalized input of the last training forward */
+    float *scales;          /* gamma, starts at 1 */
+    float *biases;          /* beta, starts at 0 */
+    float *scale_updates;   /* accumulated sum delta * x_norm */
+    float *bias_updates;    /* accumulated sum delta */
+    float *mean;            /* batch mean of the last training forward */
+    float *variance;        /* variance used to normalize in the last training forward:
+                               unbiased (darknet numerics) or biased (standard) */
+    float *rolling_mean;    /* running mean, starts at 0 */
+    float *rolling_variance; /* running variance, starts at 0 (darknet) or 1 (standard) */
+    float *mean_delta;      /* dLoss/dmean of the last backward (darknet numerics) */
+    float *variance_delta;  /* dLoss/dvariance of the last backward (darknet numerics) */
+
+    int numerics;           /* DNBN_NUMERICS_DARKNET or DNBN_NUMERICS_STANDARD */
+    float eps;              /* standard numerics: the epsilon inside the root */
+    float momentum;         /* weight of the batch statistic in the running ones */
+    int state;              /* internal: what the last forward was (see batchnorm_layer_state) */
+    double *scratch;        /* internal: per-channel double work space */
+} batchnorm_layer;
+
+/* What forward and backward read from the network, as Darknet's `network`
+ * carries them. */
+typedef struct batchnorm_network {
+    float *input;           /* forward: batch*outputs floats (may be l->output itself) */
+    float *delta;           /* backward: where -dLoss/dx also goes; NULL to keep it in l->delta only */
+    int train;              /* nonzero: training (batch statistics); zero: inference */
+} batchnorm_network;
+
+/* Allocates a layer for `batch` images of c channels of h x w, with Darknet's
+ * initial state and darknet numerics. Returns NULL with errno = EINVAL for a
+ * size <= 0 or one whose element count does not fit, ENOMEM when memory runs
+ * out. Every buffer forward and backward touch is allocated here. */
+batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c);
+
+/* Frees the layer and all its buffers. NULL is allowed. */
+void free_batchnorm_layer(batchnorm_layer *l);
+
+/* Chooses the numerics with their epsilon (> 0, standard numerics only; darknet
+ * numerics use Darknet's constants) and momentum (in [0, 1]; the weight of the
+ * batch statistic: 0.01 for Darknet's 0.99/0.01, 0.1 for PyTorch's default).
+ * Resets the running statistics to the numerics' initial values. */
+int batchnorm_layer_set_numerics(batchnorm_layer *l, int numerics, float eps, float momentum);
+
+/* Forward. Training: batch statistics, running statistics updated, x and
+ * x_norm kept for backward; needs m = batch*h*w >= 2 (DNBN_ERR_ARG otherwise,
+ * nothing written). Inference: running statistics; only output is written. */
+int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net);
+
+/* Backward of the last training forward: bias_updates += sum delta,
+ * scale_updates += sum delta*x_norm, then l->delta becomes -dLoss/dx (and is
+ * copied to net.delta when that is not NULL). DNBN_ERR_STATE if the last
+ * forward was not a training forward or net.train is zero. */
+int backward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net);
+
+/* Like backward_batchnorm_layer, with -dLoss/dy read from `delta_in` instead of
+ * l->delta (delta_in may be l->delta); -dLoss/dx is written to l->delta. */
+int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in);
+
+/* Darknet's SGD step for scales and biases: biases += (learning_rate/batch) *
+ * bias_updates; bias_updates *= momentum; the same for scales. `decay` is
+ * accepted for Darknet's signature and ignored (no decay on these). */
+int update_batchnorm_layer(batchnorm_layer *l, float learning_rate, float momentum, float decay);
+
+/* 0: no forward yet; 1: the last forward was inference; 2: training. */
+int batchnorm_layer_state(const batchnorm_layer *l);
+
+/* ===== 4. Statistics phase ================================================
+ * Per-channel moments of a batch: count n = m, mean, and m2 = sum (x - mean)^2
+ * in double, accurate for any offset. Partial moments of several shards of a
+ * batch (other processes, say) combine exactly with batchnorm_moments_combine. */
+
+/* Overwrites mean[f] and m2[f] (filters doubles each). */
+void batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2);
+
+/* Merges shard b into shard a (Chan et al.): n_a values with mean_a, m2_a and
+ * n_b values with mean_b, m2_b; mean_a and m2_a are overwritten. */
+void batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
+                               const double *mean_b, const double *m2_b);
+
+/* ===== 5. Settings ========================================================= */
+
+/* Threads used by every kernel and layer call. Default: the cores this process
+ * may run on, or the environment variable DARKNET_BN_NUM_THREADS when set.
+ * DNBN_ERR_ARG for n < 1; n above 256 is clamped. */
+int dnbn_set_num_threads(int n);
+int dnbn_get_num_threads(void);
+
+/* The instruction-set path chosen at run time: "avx2" or "generic".
+ * DARKNET_BN_SIMD=generic forces the portable path. */
+const char *dnbn_simd_path(void);
+
+/* The library version, "MAJOR.MINOR.PATCH". */
+const char *dnbn_version(void);
+
+/* A static message for a status code. */
+const char *dnbn_strerror(int status);
+
+/* --- cdef end --- */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DARKNET_BN_H */

@@ -1,0 +1,125 @@
+/*
+ * internal.h - what the library's own sources share; not installed.
+ *
+ * Three pieces:
+ *   - row primitives: the inner loops over one contiguous run of floats of one
+ *     channel, compiled twice from rows.inc.h (portable and AVX2+FMA) and
+ *     chosen once at run time;
+ *   - the channel partition: how a (batch, filters, spatial) tensor is cut into
+ *     work units ("pieces": a channel, or a part of one when there are fewer
+ *     channels than threads);
+ *   - parallel_for: runs work units on the library's threads.
+ */
+#ifndef DARKNET_BN_INTERNAL_H
+#define DARKNET_BN_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "darknet_bn.h"
+
+typedef int64_t idx_t;
+
+/* Darknet's constants (src/blas.c): epsilon outside the root in normalize_cpu,
+ * inside the root in the backward kernels. */
+#define DARKNET_EPS_FORWARD 0.000001
+#define DARKNET_EPS_BACKWARD 0.00001
+
+/* Upper bound of the thread count, and so of work units per channel split. */
+#define DNBN_MAX_THREADS 256
+
+/* ---- row primitives ----------------------------------------------------
+ * Each works on n contiguous floats of one channel with scalar per-channel
+ * parameters. Sums are returned in double. Both implementations evaluate the
+ * same operations in the same order (no FMA contraction), so they agree bit
+ * for bit; the wide one is just faster. */
+typedef struct dnbn_rows {
+    const char *name;
+    double (*sum)(const float *x, idx_t n);                                /* sum x */
+    double (*sum_sq_dev)(const float *x, idx_t n, float c);                /* sum (x-c)^2 */
+    double (*dot)(const float *a, const float *b, idx_t n);                /* sum a*b */
+    double (*dot_dev)(const float *d, const float *x, idx_t n, float c);   /* sum d*(x-c) */
+    void (*sum_dot)(const float *d, const float *xn, idx_t n, double *s, double *sdx); /* s+=sum d, sdx+=sum d*xn */
+    void (*shifted_sums)(const float *x, idx_t n, double k, double *s1, double *s2);  /* s1=sum(x-k), s2=sum(x-k)^2 */
+    void (*scale)(float *y, idx_t n, float s);                             /* y *= s */
+    void (*shift)(float *y, idx_t n, float b);                             /* y += b */
+    void (*normalize)(float *y, idx_t n, float mean, float inv);           /* y = (y-mean)*inv */
+    /* xn = ((in-mh)-ml)*inv; y = xn*gamma + beta; x = in (when x != NULL). */
+    void (*forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml, float inv,
+                          float gamma, float beta);
+    /* y = (((in-mh)-ml)*inv)*gamma + beta */
+    void (*forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
+                          float beta);
+    /* d = d*a + (x-mean)*b + c */
+    void (*normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c);
+    /* out = dy*a + xn*b + c */
+    void (*backward_apply)(float *out, const float *dy, const float *xn, idx_t n, float a, float b, float c);
+} dnbn_rows;
+
+extern const dnbn_rows dnbn_rows_generic;
+extern const dnbn_rows dnbn_rows_avx2;
+
+/* The table for this CPU (AVX2+FMA when present, unless DARKNET_BN_SIMD=generic). */
+const dnbn_rows *dnbn_rows_active(void);
+
+/* ---- partition -----------------------------------------------------------
+ * A tensor's channels are cut into `parts` equal pieces of their m values
+ * (parts == 1 when there are at least as many channels as threads). Work unit
+ * u is piece u % parts of channel u / parts; all threads agree on it, so a
+ * later pass over the same unit touches the same memory on the same core. */
+typedef struct dnbn_part {
+    idx_t batch, filters, spatial, m;
+    int parts;
+    int threads;
+} dnbn_part;
+
+dnbn_part dnbn_partition(int batch, int filters, int spatial);
+
+/* Calls fn(ctx, p, len) for every contiguous run [p, p+len) of unit u's values
+ * in the tensor `base` (NCHW, as described by `pt`). Returns the offset of the
+ * first run, so a caller can address parallel tensors at the same offsets. */
+typedef void (*dnbn_run_fn)(void *ctx, idx_t offset, idx_t len);
+void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx);
+
+/* Number of values in unit u. */
+idx_t dnbn_unit_count(const dnbn_part *pt, idx_t unit);
+
+/* ---- threads -------------------------------------------------------------
+ * Runs fn(ctx, lo, hi) over [0, n) cut into at most `threads` contiguous
+ * ranges, the calling thread taking the first. Threads are created per call
+ * and joined before returning, so nothing survives a call (fork-safe, and
+ * reentrant from several caller threads). If a thread cannot be created, its
+ * range runs in the caller. */
+typedef void (*dnbn_range_fn)(void *ctx, idx_t lo, idx_t hi);
+void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx);
+
+/* Threads worth using for `work` element operations (at least 1). */
+int dnbn_threads_for(idx_t work);
+
+/* ---- channel drivers ------------------------------------------------------
+ * dnbn_reduce_channels computes a per-channel reduction of up to three doubles:
+ * unit(ctx, u, acc) fills the partial of unit u, merge(a, b) folds b into a
+ * (NULL: elementwise addition) in unit order, and finish(ctx, f, acc) receives
+ * channel f's total. With one unit per channel, finish runs on the worker that
+ * computed it; otherwise partials are merged on the calling thread.
+ * dnbn_map_units runs unit(ctx, u) for every unit in parallel. */
+typedef struct dnbn_reduce {
+    void (*unit)(void *ctx, idx_t unit, double acc[3]);
+    void (*merge)(double a[3], const double b[3]);
+    void (*finish)(void *ctx, idx_t f, const double acc[3]);
+    void *ctx;
+} dnbn_reduce;
+
+void dnbn_reduce_channels(const dnbn_part *pt, const dnbn_reduce *r);
+void dnbn_map_units(const dnbn_part *pt, void (*unit)(void *ctx, idx_t unit), void *ctx);
+
+/* ---- per-channel moments -------------------------------------------------
+ * acc = {n, mean, m2}: count, mean and sum of squared deviations. */
+
+/* Merges b into a (Chan, Golub & LeVeque); the merge of dnbn_reduce. */
+void dnbn_moments_merge(double a[3], const double b[3]);
+
+/* Moments of unit u of x into acc. */
+void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double acc[3]);
+
+#endif /* DARKNET_BN_INTERNAL_H */

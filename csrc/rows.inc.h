@@ -1,0 +1,238 @@
+/*
+ * rows.inc.h - the row primitives (see dnbn_rows in internal.h), written once
+ * with GCC/Clang vector extensions and compiled twice: rows_generic.c for any
+ * x86-64 (SSE2) or other CPU, rows_avx2.c under target("avx2,fma"). Include it
+ * after defining ROWS(name), which gives each function its per-file suffix.
+ *
+ * Reductions keep 4 x 4 double lanes (16 floats per step) and add the lanes in
+ * a fixed order; elementwise loops take 8 floats per step. Tails are scalar.
+ * Contraction to FMA is off (-ffp-contract=off), so both builds round alike.
+ * The helpers are static and inlined, so GCC's note on how 32-byte vectors
+ * pass between functions without AVX does not apply (-Wno-psabi).
+ */
+#include <string.h>
+
+typedef float rv8f __attribute__((vector_size(32)));
+typedef float rv4f __attribute__((vector_size(16)));
+typedef double rv4d __attribute__((vector_size(32)));
+
+static inline rv8f ROWS(ld8)(const float *p)
+{
+    rv8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void ROWS(st8)(float *p, rv8f v) { memcpy(p, &v, sizeof v); }
+
+static inline rv4d ROWS(ld4d)(const float *p)
+{
+    rv4f v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, rv4d);
+}
+
+static inline double ROWS(hsum)(rv4d a, rv4d b, rv4d c, rv4d d)
+{
+    rv4d s = (a + b) + (c + d);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+static double ROWS(sum)(const float *x, idx_t n)
+{
+    rv4d a = {0}, b = {0}, c = {0}, d = {0};
+    idx_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a += ROWS(ld4d)(x + i);
+        b += ROWS(ld4d)(x + i + 4);
+        c += ROWS(ld4d)(x + i + 8);
+        d += ROWS(ld4d)(x + i + 12);
+    }
+    double t = 0;
+    for (; i < n; i++) t += x[i];
+    return ROWS(hsum)(a, b, c, d) + t;
+}
+
+static double ROWS(sum_sq_dev)(const float *x, idx_t n, float c0)
+{
+    const rv4d k = {c0, c0, c0, c0};
+    rv4d a = {0}, b = {0}, c = {0}, d = {0};
+    idx_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        rv4d u = ROWS(ld4d)(x + i) - k, v = ROWS(ld4d)(x + i + 4) - k;
+        rv4d w = ROWS(ld4d)(x + i + 8) - k, z = ROWS(ld4d)(x + i + 12) - k;
+        a += u * u;
+        b += v * v;
+        c += w * w;
+        d += z * z;
+    }
+    double t = 0;
+    for (; i < n; i++) {
+        double u = (double)x[i] - c0;
+        t += u * u;
+    }
+    return ROWS(hsum)(a, b, c, d) + t;
+}
+
+static double ROWS(dot)(const float *p, const float *q, idx_t n)
+{
+    rv4d a = {0}, b = {0}, c = {0}, d = {0};
+    idx_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a += ROWS(ld4d)(p + i) * ROWS(ld4d)(q + i);
+        b += ROWS(ld4d)(p + i + 4) * ROWS(ld4d)(q + i + 4);
+        c += ROWS(ld4d)(p + i + 8) * ROWS(ld4d)(q + i + 8);
+        d += ROWS(ld4d)(p + i + 12) * ROWS(ld4d)(q + i + 12);
+    }
+    double t = 0;
+    for (; i < n; i++) t += (double)p[i] * q[i];
+    return ROWS(hsum)(a, b, c, d) + t;
+}
+
+static double ROWS(dot_dev)(const float *p, const float *x, idx_t n, float c0)
+{
+    const rv4d k = {c0, c0, c0, c0};
+    rv4d a = {0}, b = {0}, c = {0}, d = {0};
+    idx_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a += ROWS(ld4d)(p + i) * (ROWS(ld4d)(x + i) - k);
+        b += ROWS(ld4d)(p + i + 4) * (ROWS(ld4d)(x + i + 4) - k);
+        c += ROWS(ld4d)(p + i + 8) * (ROWS(ld4d)(x + i + 8) - k);
+        d += ROWS(ld4d)(p + i + 12) * (ROWS(ld4d)(x + i + 12) - k);
+    }
+    double t = 0;
+    for (; i < n; i++) t += (double)p[i] * ((double)x[i] - c0);
+    return ROWS(hsum)(a, b, c, d) + t;
+}
+
+static void ROWS(sum_dot)(const float *p, const float *q, idx_t n, double *s, double *sd)
+{
+    rv4d a = {0}, b = {0}, c = {0}, d = {0};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        rv4d p0 = ROWS(ld4d)(p + i), p1 = ROWS(ld4d)(p + i + 4);
+        a += p0;
+        b += p1;
+        c += p0 * ROWS(ld4d)(q + i);
+        d += p1 * ROWS(ld4d)(q + i + 4);
+    }
+    double t = 0, u = 0;
+    for (; i < n; i++) {
+        t += p[i];
+        u += (double)p[i] * q[i];
+    }
+    rv4d ab = a + b, cd = c + d;
+    *s += ((ab[0] + ab[1]) + (ab[2] + ab[3])) + t;
+    *sd += ((cd[0] + cd[1]) + (cd[2] + cd[3])) + u;
+}
+
+static void ROWS(shifted_sums)(const float *x, idx_t n, double k0, double *s1, double *s2)
+{
+    const rv4d k = {k0, k0, k0, k0};
+    rv4d a = {0}, b = {0}, c = {0}, d = {0};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        rv4d u = ROWS(ld4d)(x + i) - k, v = ROWS(ld4d)(x + i + 4) - k;
+        a += u;
+        b += v;
+        c += u * u;
+        d += v * v;
+    }
+    double t = 0, q = 0;
+    for (; i < n; i++) {
+        double u = (double)x[i] - k0;
+        t += u;
+        q += u * u;
+    }
+    rv4d ab = a + b, cd = c + d;
+    *s1 = ((ab[0] + ab[1]) + (ab[2] + ab[3])) + t;
+    *s2 = ((cd[0] + cd[1]) + (cd[2] + cd[3])) + q;
+}
+
+static void ROWS(scale)(float *y, idx_t n, float s)
+{
+    const rv8f vs = {s, s, s, s, s, s, s, s};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8) ROWS(st8)(y + i, ROWS(ld8)(y + i) * vs);
+    for (; i < n; i++) y[i] *= s;
+}
+
+static void ROWS(shift)(float *y, idx_t n, float b)
+{
+    const rv8f vb = {b, b, b, b, b, b, b, b};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8) ROWS(st8)(y + i, ROWS(ld8)(y + i) + vb);
+    for (; i < n; i++) y[i] += b;
+}
+
+static void ROWS(normalize)(float *y, idx_t n, float mean, float inv)
+{
+    const rv8f vm = {mean, mean, mean, mean, mean, mean, mean, mean};
+    const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8) ROWS(st8)(y + i, (ROWS(ld8)(y + i) - vm) * vi);
+    for (; i < n; i++) y[i] = (y[i] - mean) * inv;
+}
+
+static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
+                                float inv, float gamma, float beta)
+{
+    const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
+    const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
+    const rv8f vg = {gamma, gamma, gamma, gamma, gamma, gamma, gamma, gamma};
+    const rv8f vb = {beta, beta, beta, beta, beta, beta, beta, beta};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        rv8f v = ROWS(ld8)(in + i);
+        rv8f t = ((v - vh) - vl) * vi;
+        if (x) ROWS(st8)(x + i, v);
+        ROWS(st8)(xn + i, t);
+        ROWS(st8)(y + i, t * vg + vb);
+    }
+    for (; i < n; i++) {
+        float v = in[i];
+        float t = ((v - mh) - ml) * inv;
+        if (x) x[i] = v;
+        xn[i] = t;
+        y[i] = t * gamma + beta;
+    }
+}
+
+static void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
+                                float beta)
+{
+    const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
+    const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
+    const rv8f vg = {gamma, gamma, gamma, gamma, gamma, gamma, gamma, gamma};
+    const rv8f vb = {beta, beta, beta, beta, beta, beta, beta, beta};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8) ROWS(st8)(y + i, (((ROWS(ld8)(in + i) - vh) - vl) * vi) * vg + vb);
+    for (; i < n; i++) y[i] = (((in[i] - mh) - ml) * inv) * gamma + beta;
+}
+
+static void ROWS(normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c)
+{
+    const rv8f va = {a, a, a, a, a, a, a, a}, vm = {mean, mean, mean, mean, mean, mean, mean, mean};
+    const rv8f vb = {b, b, b, b, b, b, b, b}, vc = {c, c, c, c, c, c, c, c};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        ROWS(st8)(d + i, (ROWS(ld8)(d + i) * va + (ROWS(ld8)(x + i) - vm) * vb) + vc);
+    for (; i < n; i++) d[i] = (d[i] * a + (x[i] - mean) * b) + c;
+}
+
+static void ROWS(backward_apply)(float *out, const float *dy, const float *xn, idx_t n, float a, float b, float c)
+{
+    const rv8f va = {a, a, a, a, a, a, a, a}, vb = {b, b, b, b, b, b, b, b};
+    const rv8f vc = {c, c, c, c, c, c, c, c};
+    idx_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        ROWS(st8)(out + i, (ROWS(ld8)(dy + i) * va + ROWS(ld8)(xn + i) * vb) + vc);
+    for (; i < n; i++) out[i] = (dy[i] * a + xn[i] * b) + c;
+}
+
+#define ROWS_TABLE(label)                                                                                   \
+    {                                                                                                       \
+        label, ROWS(sum), ROWS(sum_sq_dev), ROWS(dot), ROWS(dot_dev), ROWS(sum_dot), ROWS(shifted_sums),    \
+            ROWS(scale), ROWS(shift), ROWS(normalize), ROWS(forward_train), ROWS(forward_infer),            \
+            ROWS(normalize_delta), ROWS(backward_apply)                                                     \
+    }

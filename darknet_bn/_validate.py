@@ -1,0 +1,89 @@
+"""Argument checks shared by the layer and the kernels.
+
+Every check raises before anything is written, with a message that names the
+argument and says what was expected.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ArgumentError, ArgumentTypeError
+
+INT_MAX = 2**31 - 1
+
+
+def size(value: Any, name: str) -> int:
+    """Return ``value`` as a C int that is >= 1."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be an integer, got bool")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ArgumentTypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if n < 1:
+        raise ArgumentError(f"{name} must be >= 1, got {n}")
+    if n > INT_MAX:
+        raise ArgumentError(f"{name} must fit in a C int (<= {INT_MAX}), got {n}")
+    return n
+
+
+def real(value: Any, name: str, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    """Return ``value`` as a finite float, optionally within [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ArgumentError(f"{name} must be finite, got {x}")
+    if (low is not None and x < low) or (high is not None and x > high):
+        raise ArgumentError(f"{name} must be in [{low}, {high}], got {x}")
+    return x
+
+
+def flag(value: Any, name: str) -> bool:
+    """Return ``value`` as a bool; only bool and NumPy bool are accepted."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def float32_array(value: Any, name: str) -> np.ndarray:
+    """Check that ``value`` is a float32 NumPy array."""
+    if not isinstance(value, np.ndarray):
+        raise ArgumentTypeError(f"{name} must be a numpy.ndarray of float32, got {type(value).__name__}")
+    if value.dtype != np.float32:
+        raise ArgumentTypeError(f"{name} must have dtype float32, got {value.dtype}")
+    return value
+
+
+def readable(value: Any, name: str, count: int, shapes: Sequence[Tuple[int, ...]] = ()) -> np.ndarray:
+    """Return a C-contiguous float32 array of ``count`` values (copied if not contiguous).
+
+    With ``shapes``, the array's shape must be one of them; otherwise only its size counts.
+    """
+    arr = float32_array(value, name)
+    _check_extent(arr, name, count, shapes)
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+
+
+def writable(value: Any, name: str, count: int, shapes: Sequence[Tuple[int, ...]] = ()) -> np.ndarray:
+    """Check an output array: float32, ``count`` values, C-contiguous and writable."""
+    arr = float32_array(value, name)
+    _check_extent(arr, name, count, shapes)
+    if not arr.flags.c_contiguous:
+        raise ArgumentError(f"{name} must be C-contiguous (it is written in place)")
+    if not arr.flags.writeable:
+        raise ArgumentError(f"{name} must be writable (it is written in place)")
+    return arr
+
+
+def _check_extent(arr: np.ndarray, name: str, count: int, shapes: Sequence[Tuple[int, ...]]) -> None:
+    if shapes:
+        if tuple(arr.shape) not in [tuple(s) for s in shapes]:
+            wanted = " or ".join(str(tuple(s)) for s in shapes)
+            raise ArgumentError(f"{name} must have shape {wanted}, got {tuple(arr.shape)}")
+    elif arr.size != count:
+        raise ArgumentError(f"{name} must hold {count} float32 values, got {arr.size}")
