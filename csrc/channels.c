@@ -155,6 +155,66 @@ void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, 
     dnbn_for_runs(pt, unit, moments_run, &c);
 }
 
+/* ---- channel tiles ---- */
+
+dnbn_tiles dnbn_tile_partition(int batch, int filters)
+{
+    dnbn_tiles t = {0};
+    if (batch <= 0 || filters <= 0) return t;
+    t.batch = batch;
+    t.filters = filters;
+    t.threads = dnbn_threads_for(t.batch * t.filters);
+    idx_t per_thread = (t.filters + t.threads - 1) / t.threads;
+    per_thread = (per_thread + 7) / 8 * 8;
+    t.tile = per_thread < DNBN_TILE ? per_thread : DNBN_TILE;
+    return t;
+}
+
+typedef struct tile_job {
+    const dnbn_tiles *t;
+    void (*fn)(void *ctx, idx_t f0, idx_t n);
+    void *ctx;
+} tile_job;
+
+static void tile_range(void *arg, idx_t lo, idx_t hi)
+{
+    tile_job *job = arg;
+    for (idx_t u = lo; u < hi; u++) {
+        idx_t f0 = u * job->t->tile, n = job->t->filters - f0;
+        job->fn(job->ctx, f0, n < job->t->tile ? n : job->t->tile);
+    }
+}
+
+void dnbn_map_tiles(const dnbn_tiles *t, void (*fn)(void *ctx, idx_t f0, idx_t n), void *ctx)
+{
+    if (t->tile <= 0) return;
+    tile_job job = {t, fn, ctx};
+    dnbn_parallel_for((t->filters + t->tile - 1) / t->tile, t->threads, tile_range, &job);
+}
+
+void dnbn_tile_moments(const dnbn_rows *r, const float *x, idx_t batch, idx_t filters, idx_t f0, idx_t n,
+                       double *mean, double *m2)
+{
+    double count = 0, s1[DNBN_TILE], s2[DNBN_TILE];
+    for (idx_t j = 0; j < n; j++) mean[j] = m2[j] = 0;
+    /* Blocks of rows share a shift: the block's first row. */
+    for (idx_t b0 = 0; b0 < batch; b0 += MOMENT_BLOCK) {
+        idx_t rows = batch - b0 < MOMENT_BLOCK ? batch - b0 : MOMENT_BLOCK;
+        const float *k = x + b0 * filters + f0;
+        for (idx_t j = 0; j < n; j++) s1[j] = s2[j] = 0;
+        for (idx_t b = b0; b < b0 + rows; b++) r->v_shifted_acc(x + b * filters + f0, k, n, s1, s2);
+        for (idx_t j = 0; j < n; j++) {
+            double bm2 = s2[j] - s1[j] * (s1[j] / (double)rows);
+            double acc[3] = {count, mean[j], m2[j]};
+            double block[3] = {(double)rows, k[j] + s1[j] / (double)rows, bm2 < 0 ? 0 : bm2};
+            dnbn_moments_merge(acc, block);
+            mean[j] = acc[1];
+            m2[j] = acc[2];
+        }
+        count += (double)rows;
+    }
+}
+
 /* ---- public statistics phase ---- */
 
 typedef struct public_moments_ctx {

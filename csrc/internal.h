@@ -54,6 +54,20 @@ typedef struct dnbn_rows {
     void (*normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c);
     /* out = dy*a + xn*b + c */
     void (*backward_apply)(float *out, const float *dy, const float *xn, idx_t n, float a, float b, float c);
+
+    /* Channel-vector twins for spatial == 1: n consecutive channels of one
+     * image, per-channel parameters in arrays, per-channel double sums. */
+    void (*v_shifted_acc)(const float *x, const float *k, idx_t n, double *s1, double *s2); /* s1+=x-k, s2+=(x-k)^2 */
+    void (*v_sum_dot_dev)(const float *d, const float *x, const float *k, idx_t n, double *s,
+                          double *sd); /* s += d, sd += d*(x-k) */
+    void (*v_forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, const float *mh,
+                            const float *ml, const float *inv, const float *g, const float *b);
+    void (*v_forward_infer)(const float *in, float *y, idx_t n, const float *mh, const float *ml, const float *inv,
+                            const float *g, const float *b);
+    void (*v_normalize_delta)(float *d, const float *x, idx_t n, const float *a, const float *mean, const float *b,
+                              const float *c);
+    void (*v_backward_apply)(float *out, const float *dy, const float *xn, idx_t n, const float *a, const float *b,
+                             const float *c);
 } dnbn_rows;
 
 extern const dnbn_rows dnbn_rows_generic;
@@ -112,6 +126,26 @@ typedef struct dnbn_reduce {
 
 void dnbn_reduce_channels(const dnbn_part *pt, const dnbn_reduce *r);
 void dnbn_map_units(const dnbn_part *pt, void (*unit)(void *ctx, idx_t unit), void *ctx);
+
+/* ---- channel tiles (spatial == 1) ----------------------------------------
+ * A fully connected tensor is (batch, filters) row-major: work units are tiles
+ * of up to DNBN_TILE consecutive channels, vectorized across channels. */
+#define DNBN_TILE 256
+
+typedef struct dnbn_tiles {
+    idx_t batch, filters, tile;
+    int threads;
+} dnbn_tiles;
+
+dnbn_tiles dnbn_tile_partition(int batch, int filters);
+
+/* Runs fn(ctx, f0, n) for every tile [f0, f0 + n) in parallel. */
+void dnbn_map_tiles(const dnbn_tiles *t, void (*fn)(void *ctx, idx_t f0, idx_t n), void *ctx);
+
+/* Moments (mean, m2 over the batch) of channels [f0, f0 + n), n <= DNBN_TILE,
+ * of a (batch, filters) tensor. */
+void dnbn_tile_moments(const dnbn_rows *r, const float *x, idx_t batch, idx_t filters, idx_t f0, idx_t n,
+                       double *mean, double *m2);
 
 /* ---- per-channel moments -------------------------------------------------
  * acc = {n, mean, m2}: count, mean and sum of squared deviations. */

@@ -10,8 +10,13 @@
 
 #define AT(b, f, i) (((idx_t)(b) * filters + (f)) * spatial + (i))
 
+/* Like the main kernels, a call with a size <= 0 does nothing. */
+#define RETURN_IF_EMPTY(batch, filters, spatial)                                                            \
+    if ((batch) <= 0 || (filters) <= 0 || (spatial) <= 0) return
+
 void mean_cpu_ref(float *x, int batch, int filters, int spatial, float *mean)
 {
+    RETURN_IF_EMPTY(batch, filters, spatial);
     double scale = 1.0 / ((double)batch * spatial);
     for (int f = 0; f < filters; ++f) {
         double sum = 0;
@@ -23,6 +28,7 @@ void mean_cpu_ref(float *x, int batch, int filters, int spatial, float *mean)
 
 void variance_cpu_ref(float *x, float *mean, int batch, int filters, int spatial, float *variance)
 {
+    RETURN_IF_EMPTY(batch, filters, spatial);
     idx_t m = (idx_t)batch * spatial;
     for (int f = 0; f < filters; ++f) {
         double sum = 0;
@@ -37,6 +43,7 @@ void variance_cpu_ref(float *x, float *mean, int batch, int filters, int spatial
 
 void normalize_cpu_ref(float *x, float *mean, float *variance, int batch, int filters, int spatial)
 {
+    RETURN_IF_EMPTY(batch, filters, spatial);
     for (int b = 0; b < batch; ++b)
         for (int f = 0; f < filters; ++f)
             for (int i = 0; i < spatial; ++i) {
@@ -47,6 +54,7 @@ void normalize_cpu_ref(float *x, float *mean, float *variance, int batch, int fi
 
 void scale_bias_ref(float *output, float *scales, int batch, int n, int size)
 {
+    RETURN_IF_EMPTY(batch, n, size);
     int filters = n, spatial = size;
     for (int b = 0; b < batch; ++b)
         for (int f = 0; f < filters; ++f)
@@ -55,6 +63,7 @@ void scale_bias_ref(float *output, float *scales, int batch, int n, int size)
 
 void add_bias_ref(float *output, float *biases, int batch, int n, int size)
 {
+    RETURN_IF_EMPTY(batch, n, size);
     int filters = n, spatial = size;
     for (int b = 0; b < batch; ++b)
         for (int f = 0; f < filters; ++f)
@@ -63,6 +72,7 @@ void add_bias_ref(float *output, float *biases, int batch, int n, int size)
 
 void backward_bias_ref(float *bias_updates, float *delta, int batch, int n, int size)
 {
+    RETURN_IF_EMPTY(batch, n, size);
     int filters = n, spatial = size;
     for (int f = 0; f < filters; ++f) {
         double sum = 0;
@@ -74,6 +84,7 @@ void backward_bias_ref(float *bias_updates, float *delta, int batch, int n, int 
 
 void backward_scale_cpu_ref(float *x_norm, float *delta, int batch, int n, int size, float *scale_updates)
 {
+    RETURN_IF_EMPTY(batch, n, size);
     int filters = n, spatial = size;
     for (int f = 0; f < filters; ++f) {
         double sum = 0;
@@ -85,6 +96,7 @@ void backward_scale_cpu_ref(float *x_norm, float *delta, int batch, int n, int s
 
 void mean_delta_cpu_ref(float *delta, float *variance, int batch, int filters, int spatial, float *mean_delta)
 {
+    RETURN_IF_EMPTY(batch, filters, spatial);
     for (int f = 0; f < filters; ++f) {
         double sum = 0;
         for (int b = 0; b < batch; ++b)
@@ -96,6 +108,7 @@ void mean_delta_cpu_ref(float *delta, float *variance, int batch, int filters, i
 void variance_delta_cpu_ref(float *x, float *delta, float *mean, float *variance, int batch, int filters,
                             int spatial, float *variance_delta)
 {
+    RETURN_IF_EMPTY(batch, filters, spatial);
     for (int f = 0; f < filters; ++f) {
         double sum = 0;
         for (int b = 0; b < batch; ++b)
@@ -108,6 +121,7 @@ void variance_delta_cpu_ref(float *x, float *delta, float *mean, float *variance
 void normalize_delta_cpu_ref(float *x, float *mean, float *variance, float *mean_delta, float *variance_delta,
                              int batch, int filters, int spatial, float *delta)
 {
+    RETURN_IF_EMPTY(batch, filters, spatial);
     double m = (double)batch * spatial;
     for (int b = 0; b < batch; ++b)
         for (int f = 0; f < filters; ++f)

@@ -230,9 +230,102 @@ static void ROWS(backward_apply)(float *out, const float *dy, const float *xn, i
     for (; i < n; i++) out[i] = (dy[i] * a + xn[i] * b) + c;
 }
 
+/* ---- channel-vector primitives: n consecutive channels of one image when
+ * spatial == 1 (a fully connected layer), with per-channel parameter arrays.
+ * Sums go to per-channel double arrays. ---- */
+
+static void ROWS(v_shifted_acc)(const float *x, const float *k, idx_t n, double *s1, double *s2)
+{
+    idx_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        rv4d u = ROWS(ld4d)(x + j) - ROWS(ld4d)(k + j), a, b;
+        memcpy(&a, s1 + j, sizeof a);
+        memcpy(&b, s2 + j, sizeof b);
+        a += u;
+        b += u * u;
+        memcpy(s1 + j, &a, sizeof a);
+        memcpy(s2 + j, &b, sizeof b);
+    }
+    for (; j < n; j++) {
+        double u = (double)x[j] - k[j];
+        s1[j] += u;
+        s2[j] += u * u;
+    }
+}
+
+static void ROWS(v_sum_dot_dev)(const float *d, const float *x, const float *k, idx_t n, double *s, double *sd)
+{
+    idx_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        rv4d dd = ROWS(ld4d)(d + j), a, b;
+        memcpy(&a, s + j, sizeof a);
+        memcpy(&b, sd + j, sizeof b);
+        a += dd;
+        b += dd * (ROWS(ld4d)(x + j) - ROWS(ld4d)(k + j));
+        memcpy(s + j, &a, sizeof a);
+        memcpy(sd + j, &b, sizeof b);
+    }
+    for (; j < n; j++) {
+        s[j] += d[j];
+        sd[j] += (double)d[j] * ((double)x[j] - k[j]);
+    }
+}
+
+static void ROWS(v_forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, const float *mh,
+                                  const float *ml, const float *inv, const float *g, const float *b)
+{
+    idx_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        rv8f v = ROWS(ld8)(in + j);
+        rv8f t = ((v - ROWS(ld8)(mh + j)) - ROWS(ld8)(ml + j)) * ROWS(ld8)(inv + j);
+        if (x) ROWS(st8)(x + j, v);
+        ROWS(st8)(xn + j, t);
+        ROWS(st8)(y + j, t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j));
+    }
+    for (; j < n; j++) {
+        float v = in[j], t = ((v - mh[j]) - ml[j]) * inv[j];
+        if (x) x[j] = v;
+        xn[j] = t;
+        y[j] = t * g[j] + b[j];
+    }
+}
+
+static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const float *mh, const float *ml,
+                                  const float *inv, const float *g, const float *b)
+{
+    idx_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        rv8f t = ((ROWS(ld8)(in + j) - ROWS(ld8)(mh + j)) - ROWS(ld8)(ml + j)) * ROWS(ld8)(inv + j);
+        ROWS(st8)(y + j, t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j));
+    }
+    for (; j < n; j++) y[j] = (((in[j] - mh[j]) - ml[j]) * inv[j]) * g[j] + b[j];
+}
+
+static void ROWS(v_normalize_delta)(float *d, const float *x, idx_t n, const float *a, const float *mean,
+                                    const float *b, const float *c)
+{
+    idx_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        ROWS(st8)(d + j, (ROWS(ld8)(d + j) * ROWS(ld8)(a + j) +
+                          (ROWS(ld8)(x + j) - ROWS(ld8)(mean + j)) * ROWS(ld8)(b + j)) +
+                             ROWS(ld8)(c + j));
+    for (; j < n; j++) d[j] = (d[j] * a[j] + (x[j] - mean[j]) * b[j]) + c[j];
+}
+
+static void ROWS(v_backward_apply)(float *out, const float *dy, const float *xn, idx_t n, const float *a,
+                                   const float *b, const float *c)
+{
+    idx_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        ROWS(st8)(out + j, (ROWS(ld8)(dy + j) * ROWS(ld8)(a + j) + ROWS(ld8)(xn + j) * ROWS(ld8)(b + j)) +
+                               ROWS(ld8)(c + j));
+    for (; j < n; j++) out[j] = (dy[j] * a[j] + xn[j] * b[j]) + c[j];
+}
+
 #define ROWS_TABLE(label)                                                                                   \
     {                                                                                                       \
         label, ROWS(sum), ROWS(sum_sq_dev), ROWS(dot), ROWS(dot_dev), ROWS(sum_dot), ROWS(shifted_sums),    \
             ROWS(scale), ROWS(shift), ROWS(normalize), ROWS(forward_train), ROWS(forward_infer),            \
-            ROWS(normalize_delta), ROWS(backward_apply)                                                     \
+            ROWS(normalize_delta), ROWS(backward_apply), ROWS(v_shifted_acc), ROWS(v_sum_dot_dev),          \
+            ROWS(v_forward_train), ROWS(v_forward_infer), ROWS(v_normalize_delta), ROWS(v_backward_apply)   \
     }
