@@ -45,7 +45,11 @@ $(BUILD)/bench_batchnorm: benchmarks/bench_batchnorm.c $(BUILD)/libdarknet_bn.a
 $(BUILD)/test_darknet_bn: $(wildcard tests/c/*.c tests/c/*.h) $(BUILD)/libdarknet_bn.a
 	$(CC) $(CFLAGS_LIB) -Icsrc $(wildcard tests/c/*.c) $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
 
-ctest: $(BUILD)/test_darknet_bn
+$(BUILD)/c_example: examples/c_example.c $(BUILD)/libdarknet_bn.a
+	$(CC) $(CFLAGS_LIB) -Icsrc $< $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
+
+ctest: $(BUILD)/test_darknet_bn $(BUILD)/c_example
+	$(BUILD)/c_example
 	$(BUILD)/test_darknet_bn
 
 # The development environment: the package installed editable (the extension

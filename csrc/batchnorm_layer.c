@@ -189,6 +189,62 @@ static void infer_unit(void *arg, idx_t unit)
     dnbn_for_runs(p->pt, unit, infer_run, p);
 }
 
+/* ---- spatial == 1: tiles of channels, vectorized across channels ---- */
+
+/* Parameters of the elementwise pass of a tile, from the channels' scratch rows. */
+static void tile_params(const batchnorm_layer *l, idx_t f0, idx_t n, int first, float *p0, float *p1, float *p2)
+{
+    for (idx_t j = 0; j < n; j++) {
+        const double *sc = l->scratch + (f0 + j) * SC_WIDTH;
+        if (first == SC_MEAN) {
+            p0[j] = (float)sc[SC_MEAN];
+            p1[j] = (float)(sc[SC_MEAN] - p0[j]);
+            p2[j] = (float)sc[SC_INV];
+        } else {
+            p0[j] = (float)sc[SC_A];
+            p1[j] = (float)sc[SC_B];
+            p2[j] = (float)sc[SC_C];
+        }
+    }
+}
+
+static void train_tile(void *arg, idx_t f0, idx_t n)
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    idx_t filters = l->out_c;
+    double mean[DNBN_TILE], m2[DNBN_TILE];
+    float mh[DNBN_TILE], ml[DNBN_TILE], inv[DNBN_TILE];
+    dnbn_tile_moments(p->r, p->in, l->batch, filters, f0, n, mean, m2);
+    for (idx_t j = 0; j < n; j++) {
+        double acc[3] = {(double)l->batch, mean[j], m2[j]};
+        finish_stats(p, f0 + j, acc);
+    }
+    tile_params(l, f0, n, SC_MEAN, mh, ml, inv);
+    for (idx_t b = 0; b < l->batch; b++) {
+        idx_t off = b * filters + f0;
+        p->r->v_forward_train(p->in + off, l->x + off, l->x_norm + off, l->output + off, n, mh, ml, inv,
+                              l->scales + f0, l->biases + f0);
+    }
+}
+
+static void infer_tile(void *arg, idx_t f0, idx_t n)
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    float zero[DNBN_TILE] = {0}, inv[DNBN_TILE];
+    for (idx_t j = 0; j < n; j++) {
+        double rv = l->rolling_variance[f0 + j];
+        inv[j] = (float)(l->numerics == DNBN_NUMERICS_DARKNET ? 1.0 / (sqrt(rv) + DARKNET_EPS_FORWARD)
+                                                              : 1.0 / sqrt(rv + (double)l->eps));
+    }
+    for (idx_t b = 0; b < l->batch; b++) {
+        idx_t off = b * l->out_c + f0;
+        p->r->v_forward_infer(p->in + off, l->output + off, n, l->rolling_mean + f0, zero, inv, l->scales + f0,
+                              l->biases + f0);
+    }
+}
+
 int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
 {
     if (!l || !net.input) return DNBN_ERR_ARG;
@@ -196,6 +252,12 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
     pass p = {l, dnbn_rows_active(), &pt, net.input, NULL};
+    if (spatial == 1) {
+        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
+        dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
+        l->state = net.train ? STATE_TRAINING : STATE_INFERENCE;
+        return DNBN_OK;
+    }
     if (!net.train) {
         dnbn_map_units(&pt, infer_unit, &p);
         l->state = STATE_INFERENCE;
@@ -286,13 +348,38 @@ static void backward_fused_unit(void *arg, idx_t unit)
     apply_unit(arg, unit);
 }
 
+static void backward_tile(void *arg, idx_t f0, idx_t n)
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    idx_t filters = l->out_c;
+    double s[DNBN_TILE] = {0}, sd[DNBN_TILE] = {0};
+    float zero[DNBN_TILE] = {0}, a[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE];
+    for (idx_t i = 0; i < l->batch; i++) {
+        idx_t off = i * filters + f0;
+        p->r->v_sum_dot_dev(p->in + off, l->x_norm + off, zero, n, s, sd);
+    }
+    for (idx_t j = 0; j < n; j++) {
+        double acc[3] = {s[j], sd[j], 0};
+        finish_sums(p, f0 + j, acc);
+    }
+    tile_params(l, f0, n, SC_A, a, b, c);
+    for (idx_t i = 0; i < l->batch; i++) {
+        idx_t off = i * filters + f0;
+        p->r->v_backward_apply(l->delta + off, p->in + off, l->x_norm + off, n, a, b, c);
+    }
+}
+
 int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
 {
     if (!l || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = {l, dnbn_rows_active(), &pt, delta_in, NULL};
-    if (pt.parts == 1) {
+    if (l->out_h * l->out_w == 1) {
+        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
+        dnbn_map_tiles(&t, backward_tile, &p);
+    } else if (pt.parts == 1) {
         dnbn_map_units(&pt, backward_fused_unit, &p);
     } else {
         dnbn_reduce r = {sums_unit, NULL, finish_sums, &p};
