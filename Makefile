@@ -22,7 +22,7 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: all lib test ctest pytest venv demo bench clean install-check
+.PHONY: all lib test ctest sanitize valgrind pytest venv demo bench clean
 
 all: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a $(BUILD)/bench_batchnorm
 
@@ -52,6 +52,21 @@ ctest: $(BUILD)/test_darknet_bn $(BUILD)/c_example
 	$(BUILD)/c_example
 	$(BUILD)/test_darknet_bn
 
+# The C tests again under AddressSanitizer + UndefinedBehaviorSanitizer, and
+# under valgrind memcheck (installed with apt-get when missing).
+SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1
+$(BUILD)/test_darknet_bn_asan: $(LIB_SRCS) $(HEADERS) csrc/rows.inc.h $(wildcard tests/c/*.c tests/c/*.h)
+	@mkdir -p $(BUILD)
+	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) $(SANFLAGS) -Icsrc $(LIB_SRCS) $(wildcard tests/c/*.c) -o $@ $(LDLIBS)
+
+sanitize: $(BUILD)/test_darknet_bn_asan
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 $(BUILD)/test_darknet_bn_asan
+
+valgrind: $(BUILD)/test_darknet_bn
+	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
+	valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+		--show-leak-kinds=definite $(BUILD)/test_darknet_bn
+
 # The development environment: the package installed editable (the extension
 # is compiled in place from csrc/) with the test and torch extras.
 $(VENV)/.installed: pyproject.toml setup.py $(LIB_SRCS) $(HEADERS) darknet_bn/_ffi_build.py
@@ -65,7 +80,7 @@ venv: $(VENV)/.installed
 pytest: venv
 	$(VPY) -m pytest tests -q
 
-test: all ctest pytest
+test: all ctest sanitize valgrind pytest
 
 demo: venv
 	$(VPY) -m pip install --quiet -e ".[demo]"

@@ -35,8 +35,9 @@ static void reset_running(batchnorm_layer *l)
 
 batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
 {
-    if (batch <= 0 || w <= 0 || h <= 0 || c <= 0 || (idx_t)c * h * w > INT_MAX ||
-        (idx_t)batch * c * h * w > (idx_t)(SIZE_MAX / 4 / sizeof(float))) {
+    /* c*h*w must fit Darknet's int `outputs`; batch*outputs then fits 63 bits. */
+    if (batch <= 0 || w <= 0 || h <= 0 || c <= 0 || (idx_t)c * h > INT_MAX || (idx_t)c * h * w > INT_MAX ||
+        (uint64_t)batch * (uint64_t)(c * h * w) > SIZE_MAX / 4 / sizeof(float)) {
         errno = EINVAL;
         return NULL;
     }

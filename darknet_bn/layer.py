@@ -47,10 +47,10 @@ def _buffer_property(name: str, doc: str) -> property:
     def set(self: "BatchNormLayer", value: Any) -> None:
         view = self._views[name]
         arr = np.asarray(value)
+        if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ArgumentTypeError(f"{name} must be an array of real numbers, got {type(value).__name__}")
         if arr.shape != view.shape:
             raise ArgumentError(f"{name} must have shape {view.shape}, got {arr.shape}")
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            raise ArgumentTypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
         np.copyto(view, arr, casting="unsafe")
 
     return property(get, set, doc=doc)
