@@ -44,6 +44,10 @@ RUN_FN(run_sq_dev, ra->acc[0] += c->r->sum_sq_dev(c->x + offset, len, ra->k))
 RUN_FN(run_dot, ra->acc[0] += c->r->dot(c->delta + offset, c->x + offset, len))
 RUN_FN(run_dot_dev, ra->acc[0] += c->r->dot_dev(c->delta + offset, c->x + offset, len, ra->k))
 
+/* What a reduction sums when spatial == 1 (vectorized across channels):
+ * sum of src, sum of (src - k)^2, or sum of delta * (x - k). */
+enum fc_sum { FC_SUM, FC_SQ_DEV, FC_DOT_DEV };
+
 /* A reduction kernel: the run function, the per-channel constant it needs (k),
  * and what becomes of the channel's sum. */
 typedef struct reduce_kernel {
@@ -51,7 +55,37 @@ typedef struct reduce_kernel {
     dnbn_run_fn run;
     const float *k;                   /* per-channel shift (mean) or NULL */
     float (*result)(const kernel_ctx *c, idx_t f, double sum, float old);
+    enum fc_sum fc;                   /* the same sum for spatial == 1 ... */
+    const float *fc_src;              /* ... over this tensor (FC_SUM, FC_SQ_DEV) */
 } reduce_kernel;
+
+static const float zeros[DNBN_TILE], ones[DNBN_TILE] = {
+#define ONE8 1, 1, 1, 1, 1, 1, 1, 1
+#define ONE64 ONE8, ONE8, ONE8, ONE8, ONE8, ONE8, ONE8, ONE8
+    ONE64, ONE64, ONE64, ONE64
+#undef ONE64
+#undef ONE8
+};
+
+static void reduce_tile(void *arg, idx_t f0, idx_t n)
+{
+    reduce_kernel *rk = arg;
+    const kernel_ctx *c = &rk->c;
+    idx_t filters = c->pt->filters;
+    const float *k = rk->k ? rk->k + f0 : zeros;
+    double s1[DNBN_TILE] = {0}, s2[DNBN_TILE] = {0};
+    for (idx_t b = 0; b < c->pt->batch; b++) {
+        idx_t off = b * filters + f0;
+        if (rk->fc == FC_DOT_DEV)
+            c->r->v_sum_dot_dev(c->delta + off, c->x + off, k, n, s1, s2);
+        else
+            c->r->v_shifted_acc(rk->fc_src + off, k, n, s1, s2);
+    }
+    for (idx_t j = 0; j < n; j++) {
+        double sum = rk->fc == FC_SUM ? s1[j] : s2[j];
+        c->out[f0 + j] = rk->result(c, f0 + j, sum, c->out[f0 + j]);
+    }
+}
 
 static void reduce_unit(void *arg, idx_t unit, double acc[3])
 {
@@ -73,6 +107,11 @@ static void run_reduction(reduce_kernel *rk, int batch, int filters, int spatial
     dnbn_part pt = dnbn_partition(batch, filters, spatial);
     rk->c.r = dnbn_rows_active();
     rk->c.pt = &pt;
+    if (spatial == 1) {
+        dnbn_tiles t = dnbn_tile_partition(batch, filters);
+        dnbn_map_tiles(&t, reduce_tile, rk);
+        return;
+    }
     dnbn_reduce r = {reduce_unit, NULL, reduce_finish, rk};
     dnbn_reduce_channels(&pt, &r);
 }
@@ -109,19 +148,28 @@ static float res_variance_delta(const kernel_ctx *c, idx_t f, double s, float ol
 
 void mean_cpu(float *x, int batch, int filters, int spatial, float *mean)
 {
-    reduce_kernel rk = {.c = {.x = x, .out = mean}, .run = run_sum_x, .result = res_mean};
+    reduce_kernel rk = {.c = {.x = x, .out = mean}, .run = run_sum_x, .result = res_mean, .fc = FC_SUM, .fc_src = x};
     run_reduction(&rk, batch, filters, spatial);
 }
 
 void variance_cpu(float *x, float *mean, int batch, int filters, int spatial, float *variance)
 {
-    reduce_kernel rk = {.c = {.x = x, .out = variance}, .run = run_sq_dev, .k = mean, .result = res_variance};
+    reduce_kernel rk = {.c = {.x = x, .out = variance},
+                        .run = run_sq_dev,
+                        .k = mean,
+                        .result = res_variance,
+                        .fc = FC_SQ_DEV,
+                        .fc_src = x};
     run_reduction(&rk, batch, filters, spatial);
 }
 
 void backward_bias(float *bias_updates, float *delta, int batch, int n, int size)
 {
-    reduce_kernel rk = {.c = {.delta = delta, .out = bias_updates}, .run = run_sum_delta, .result = res_accumulate};
+    reduce_kernel rk = {.c = {.delta = delta, .out = bias_updates},
+                        .run = run_sum_delta,
+                        .result = res_accumulate,
+                        .fc = FC_SUM,
+                        .fc_src = delta};
     run_reduction(&rk, batch, n, size);
 }
 
@@ -129,7 +177,8 @@ void backward_scale_cpu(float *x_norm, float *delta, int batch, int n, int size,
 {
     reduce_kernel rk = {.c = {.x = x_norm, .delta = delta, .out = scale_updates},
                         .run = run_dot,
-                        .result = res_accumulate};
+                        .result = res_accumulate,
+                        .fc = FC_DOT_DEV};
     run_reduction(&rk, batch, n, size);
 }
 
@@ -137,7 +186,9 @@ void mean_delta_cpu(float *delta, float *variance, int batch, int filters, int s
 {
     reduce_kernel rk = {.c = {.delta = delta, .variance = variance, .out = mean_delta},
                         .run = run_sum_delta,
-                        .result = res_mean_delta};
+                        .result = res_mean_delta,
+                        .fc = FC_SUM,
+                        .fc_src = delta};
     run_reduction(&rk, batch, filters, spatial);
 }
 
@@ -147,18 +198,60 @@ void variance_delta_cpu(float *x, float *delta, float *mean, float *variance, in
     reduce_kernel rk = {.c = {.x = x, .delta = delta, .variance = variance, .out = variance_delta},
                         .run = run_dot_dev,
                         .k = mean,
-                        .result = res_variance_delta};
+                        .result = res_variance_delta,
+                        .fc = FC_DOT_DEV};
     run_reduction(&rk, batch, filters, spatial);
 }
 
 /* ---- elementwise passes ---- */
+
+/* The four per-channel parameters of a pass, as arrays over a tile. */
+typedef struct tile_params {
+    float a[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE], k[DNBN_TILE];
+} tile_params;
 
 typedef struct map_kernel {
     kernel_ctx c;
     /* sets the per-channel parameters of unit's channel into *p */
     void (*params)(const kernel_ctx *c, idx_t f, kernel_ctx *p);
     dnbn_run_fn run;
+    /* the pass over n channels of one image at offset off, when spatial == 1 */
+    void (*fc_run)(const kernel_ctx *c, idx_t off, idx_t n, const tile_params *p);
 } map_kernel;
+
+static void map_tile(void *arg, idx_t f0, idx_t n)
+{
+    map_kernel *mk = arg;
+    tile_params tp;
+    for (idx_t j = 0; j < n; j++) {
+        kernel_ctx p = mk->c;
+        mk->params(&mk->c, f0 + j, &p);
+        tp.a[j] = p.pa, tp.b[j] = p.pb, tp.c[j] = p.pc, tp.k[j] = p.pk;
+    }
+    for (idx_t b = 0; b < mk->c.pt->batch; b++) mk->fc_run(&mk->c, b * mk->c.pt->filters + f0, n, &tp);
+}
+
+/* Each as ((y - k) - 0) * a * 1 + 0 and its special cases: the same values as
+ * the row primitives (x - 0, x * 1 and x + 0 are exact). */
+static void fc_normalize(const kernel_ctx *c, idx_t off, idx_t n, const tile_params *p)
+{
+    c->r->v_forward_infer(c->x + off, c->x + off, n, p->k, zeros, p->a, ones, zeros);
+}
+
+static void fc_scale(const kernel_ctx *c, idx_t off, idx_t n, const tile_params *p)
+{
+    c->r->v_forward_infer(c->x + off, c->x + off, n, zeros, zeros, p->a, ones, zeros);
+}
+
+static void fc_shift(const kernel_ctx *c, idx_t off, idx_t n, const tile_params *p)
+{
+    c->r->v_forward_infer(c->x + off, c->x + off, n, zeros, zeros, ones, ones, p->a);
+}
+
+static void fc_normalize_delta(const kernel_ctx *c, idx_t off, idx_t n, const tile_params *p)
+{
+    c->r->v_normalize_delta(c->delta + off, c->x + off, n, p->a, p->k, p->b, p->c);
+}
 
 static void map_unit(void *arg, idx_t unit)
 {
@@ -174,6 +267,11 @@ static void run_map(map_kernel *mk, int batch, int filters, int spatial)
     dnbn_part pt = dnbn_partition(batch, filters, spatial);
     mk->c.r = dnbn_rows_active();
     mk->c.pt = &pt;
+    if (spatial == 1) {
+        dnbn_tiles t = dnbn_tile_partition(batch, filters);
+        dnbn_map_tiles(&t, map_tile, mk);
+        return;
+    }
     dnbn_map_units(&pt, map_unit, mk);
 }
 
@@ -220,19 +318,20 @@ static void par_normalize_delta(const kernel_ctx *c, idx_t f, kernel_ctx *p)
 
 void normalize_cpu(float *x, float *mean, float *variance, int batch, int filters, int spatial)
 {
-    map_kernel mk = {.c = {.x = x, .mean = mean, .variance = variance}, .params = par_normalize, .run = run_normalize};
+    map_kernel mk = {.c = {.x = x, .mean = mean, .variance = variance}, .params = par_normalize, .run = run_normalize,
+                     .fc_run = fc_normalize};
     run_map(&mk, batch, filters, spatial);
 }
 
 void scale_bias(float *output, float *scales, int batch, int n, int size)
 {
-    map_kernel mk = {.c = {.x = output, .scales = scales}, .params = par_scale, .run = run_scale};
+    map_kernel mk = {.c = {.x = output, .scales = scales}, .params = par_scale, .run = run_scale, .fc_run = fc_scale};
     run_map(&mk, batch, n, size);
 }
 
 void add_bias(float *output, float *biases, int batch, int n, int size)
 {
-    map_kernel mk = {.c = {.x = output, .scales = biases}, .params = par_scale, .run = run_shift};
+    map_kernel mk = {.c = {.x = output, .scales = biases}, .params = par_scale, .run = run_shift, .fc_run = fc_shift};
     run_map(&mk, batch, n, size);
 }
 
@@ -246,6 +345,7 @@ void normalize_delta_cpu(float *x, float *mean, float *variance, float *mean_del
                            .mean_delta = mean_delta,
                            .variance_delta = variance_delta},
                      .params = par_normalize_delta,
-                     .run = run_normalize_delta};
+                     .run = run_normalize_delta,
+                     .fc_run = fc_normalize_delta};
     run_map(&mk, batch, filters, spatial);
 }
