@@ -4,7 +4,8 @@
 #   make test     C tests, then a virtual environment (.venv) with the package and
 #                 its test extra, then pytest
 #   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
-#   make bench    the C benchmark
+#   make bench    the Python benchmark against PyTorch, NumPy and the reference path
+#   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)
 #
 # The library's compiler flags live in csrc/cflags.txt, shared with the cffi
 # build (darknet_bn/_ffi_build.py); the Makefile adds -Werror for its own builds.
@@ -22,7 +23,7 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: all lib test ctest sanitize valgrind pytest venv demo bench clean
+.PHONY: all lib test ctest sanitize valgrind pytest venv demo bench bench-c clean
 
 all: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a $(BUILD)/bench_batchnorm
 
@@ -86,8 +87,12 @@ demo: venv
 	$(VPY) -m pip install --quiet -e ".[demo]"
 	$(VPY) -m darknet_bn.demo $(DEMO_ARGS)
 
-bench: $(BUILD)/bench_batchnorm
-	$(BUILD)/bench_batchnorm $(BENCH_ARGS)
+bench: venv
+	$(VPY) -m pip install --quiet -e ".[bench]"
+	$(VPY) -m darknet_bn.bench $(BENCH_ARGS)
+
+bench-c: $(BUILD)/bench_batchnorm
+	$(BUILD)/bench_batchnorm $(BENCH_C_ARGS)
 
 clean:
 	rm -rf $(BUILD) darknet_bn/_darknet_bn*.so darknet_bn/_darknet_bn.c darknet_bn/_darknet_bn.o *.egg-info

@@ -1,0 +1,882 @@
+"""Side-by-side benchmark of darknet_bn's layer against its peers (SPEC.md §7).
+
+Run ``python -m darknet_bn.bench`` (``--help`` for the options). For every
+shape and thread count it times, in one process and on the same data:
+
+* ``darknet_bn standard`` -- ``BatchNormLayer(numerics="standard")``, the same
+  math as PyTorch (the baseline of every ratio except the reference path's);
+* ``darknet_bn darknet`` -- ``BatchNormLayer(numerics="darknet")``;
+* ``torch native`` -- ``torch.ops.aten.native_batch_norm`` and
+  ``native_batch_norm_backward``, allocating their outputs (if torch imports);
+* ``torch out=`` -- the same ops' ``.out`` overloads into preallocated tensors;
+* ``numpy`` -- the standard math written plainly in vectorized NumPy;
+* ``reference`` -- Darknet's layer written with
+  ``darknet_bn.kernels.reference`` (single-threaded C loops), Darknet numerics,
+  so its ratio is taken against ``darknet_bn darknet``;
+* ``roofline`` -- the least bytes the pass must move over the copy bandwidth
+  measured in this run (training step 6 floats per value: read input, write
+  output and one tensor kept for backward, read delta and that tensor, write
+  delta; inference 2 floats per value), as in the C benchmark.
+
+Two passes are timed: the training step (forward with batch statistics, then
+backward of a fixed delta) and the inference forward (running statistics).
+Repetitions are interleaved across peers (A, B, C, A, B, C, ...) so machine
+noise hits all peers alike; each peer is warmed up first; a sample of a fast
+call loops it enough times to last ``--min-time``. Reported figures are
+medians of the samples, as time per call. Before timing, the peers' results
+are compared ("peers agree: max |diff| = ...") so the comparison is fair.
+
+Writes ``bench.json`` (machine, configuration, every sample), ``bench.txt``
+(the terminal table) and ``bench.png`` (speedup over PyTorch per shape) into
+``--out``. Needs the ``bench`` extra (matplotlib for the chart, tqdm for the
+progress bar); without them it still runs and writes the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import darknet_bn
+from darknet_bn.kernels import reference as _ref
+
+Shape = Tuple[int, int, int, int]
+Arrays = Dict[str, np.ndarray]
+
+SCHEMA = "darknet_bn.bench/1"
+
+#: SPEC §7's six shapes (batch, channels, h, w).
+SHAPES: Tuple[Shape, ...] = (
+    (8, 32, 208, 208),
+    (32, 64, 112, 112),
+    (8, 128, 52, 52),
+    (16, 512, 13, 13),
+    (64, 1024, 1, 1),
+    (4, 16, 4, 4),
+)
+#: ``--quick`` keeps the shapes that fit in cache.
+QUICK_SHAPES: Tuple[Shape, ...] = ((16, 512, 13, 13), (64, 1024, 1, 1), (4, 16, 4, 4))
+#: The shape of the start-up agreement check (small, m = 2048 values per channel).
+CHECK_SHAPE: Shape = (8, 32, 16, 16)
+
+PASSES = ("train_step", "infer")
+PASS_TITLES = {"train_step": "training step (forward + backward)", "infer": "inference forward"}
+#: Floats moved per tensor value by the least a pass can do (see the module docstring).
+ROOF_FLOATS = {"train_step": 6, "infer": 2}
+EPS = 1e-5
+STD_MOMENTUM = 0.1
+#: Largest agreement error, scaled by max(1, max |reference array|), that counts as agreeing.
+AGREE_TOL = 1e-3
+#: Pause between peers so a peer's idle worker threads (OpenMP spin-waits) stop competing.
+SETTLE_S = 0.001
+
+
+# --------------------------------------------------------------------------- peers
+
+
+class Peer:
+    """One implementation under test, holding its own buffers for one shape.
+
+    Subclasses set ``name`` (the JSON key), ``label`` (the table's name) and
+    ``numerics`` ("standard" or "darknet"; ratios compare against darknet_bn
+    with the same numerics), and implement the two timed passes and
+    :meth:`results` (copies of the last training step's y, dx, dgamma, dbeta).
+    """
+
+    name = ""
+    label = ""
+    numerics = "standard"
+
+    def __init__(self, x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> None:
+        self.shape: Shape = tuple(x.shape)  # type: ignore[assignment]
+
+    def train_step(self) -> None:
+        """Forward with batch statistics, then backward of the fixed delta."""
+        raise NotImplementedError
+
+    def infer(self) -> None:
+        """Forward with the running statistics."""
+        raise NotImplementedError
+
+    def results(self) -> Arrays:
+        """y, dx (for +dLoss/dy = dy), dgamma, dbeta of the last training step, as float arrays."""
+        raise NotImplementedError
+
+    def infer_output(self) -> np.ndarray:
+        """A copy of the last inference output."""
+        raise NotImplementedError
+
+    def run(self, which: str) -> None:
+        """Run pass ``which`` ("train_step" or "infer")."""
+        (self.train_step if which == "train_step" else self.infer)()
+
+
+class LayerPeer(Peer):
+    """darknet_bn's ``BatchNormLayer`` with the given numerics."""
+
+    def __init__(self, x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.ndarray, numerics: str) -> None:
+        super().__init__(x, dy, gamma, beta)
+        b, c, h, w = self.shape
+        self.numerics = numerics
+        self.name = f"darknet_bn_{numerics}"
+        self.label = f"darknet_bn {numerics}"
+        self.layer = darknet_bn.BatchNormLayer(b, w, h, c, numerics=numerics)
+        self.layer.scales = gamma
+        self.layer.biases = beta
+        self.x, self.dy = x, dy
+        self.y = self.layer.output
+
+    def train_step(self) -> None:
+        self.layer.forward(self.x, train=True)
+        self.layer.backward(self.dy)
+
+    def infer(self) -> None:
+        self.layer.forward(self.x, train=False)
+
+    def results(self) -> Arrays:
+        layer = self.layer
+        layer.scale_updates[:] = 0.0
+        layer.bias_updates[:] = 0.0
+        layer.forward(self.x, train=True)
+        y = layer.output.copy()
+        dx = layer.backward(self.dy).copy()
+        return {"y": y, "dx": dx, "dgamma": layer.scale_updates.copy(), "dbeta": layer.bias_updates.copy()}
+
+    def infer_output(self) -> np.ndarray:
+        self.infer()
+        return self.layer.output.copy()
+
+
+class ReferencePeer(Peer):
+    """Darknet's ``forward/backward_batchnorm_layer`` written with the reference kernels.
+
+    Forward: copy input to output and x, mean, variance, rolling update,
+    normalize, copy to x_norm, scale_bias, add_bias. Backward (delta first
+    receives the incoming gradient, as the next layer writes it in Darknet):
+    backward_bias, backward_scale_cpu, scale_bias on delta, mean_delta_cpu,
+    variance_delta_cpu, normalize_delta_cpu.
+    """
+
+    name = "reference"
+    label = "reference (C loops)"
+    numerics = "darknet"
+
+    def __init__(self, x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> None:
+        super().__init__(x, dy, gamma, beta)
+        b, c, h, w = self.shape
+        self.input, self.dy = x, dy
+        self.b, self.c, self.s = b, c, h * w
+        self.output = np.empty_like(x)
+        self.x = np.empty_like(x)
+        self.x_norm = np.empty_like(x)
+        self.delta = np.empty_like(x)
+        self.scales = gamma.astype(np.float32).copy()
+        self.biases = beta.astype(np.float32).copy()
+        z = lambda: np.zeros(c, np.float32)  # noqa: E731
+        self.scale_updates, self.bias_updates = z(), z()
+        self.mean, self.variance = z(), z()
+        self.rolling_mean, self.rolling_variance = z(), z()
+        self.mean_delta, self.variance_delta = z(), z()
+
+    def forward(self, train: bool) -> None:
+        """Darknet's forward_batchnorm_layer (the batch-norm layer's own, l.type == BATCHNORM)."""
+        b, c, s = self.b, self.c, self.s
+        np.copyto(self.output, self.input)  # copy_cpu(l.outputs*l.batch, net.input, 1, l.output, 1)
+        if train:
+            np.copyto(self.x, self.output)  # copy_cpu(..., l.output, 1, l.x, 1)
+            _ref.mean_cpu(self.output, b, c, s, self.mean)
+            _ref.variance_cpu(self.output, self.mean, b, c, s, self.variance)
+            self.rolling_mean *= np.float32(0.99)  # scal_cpu(l.out_c, .99, l.rolling_mean, 1)
+            self.rolling_mean += np.float32(0.01) * self.mean  # axpy_cpu(l.out_c, .01, l.mean, 1, ...)
+            self.rolling_variance *= np.float32(0.99)
+            self.rolling_variance += np.float32(0.01) * self.variance
+            _ref.normalize_cpu(self.output, self.mean, self.variance, b, c, s)
+            np.copyto(self.x_norm, self.output)
+        else:
+            _ref.normalize_cpu(self.output, self.rolling_mean, self.rolling_variance, b, c, s)
+        _ref.scale_bias(self.output, self.scales, b, c, s)
+        _ref.add_bias(self.output, self.biases, b, c, s)
+
+    def backward(self) -> None:
+        """Darknet's backward_batchnorm_layer on delta = dy."""
+        b, c, s = self.b, self.c, self.s
+        np.copyto(self.delta, self.dy)
+        _ref.backward_bias(self.bias_updates, self.delta, b, c, s)
+        _ref.backward_scale_cpu(self.x_norm, self.delta, b, c, s, self.scale_updates)
+        _ref.scale_bias(self.delta, self.scales, b, c, s)
+        _ref.mean_delta_cpu(self.delta, self.variance, b, c, s, self.mean_delta)
+        _ref.variance_delta_cpu(self.x, self.delta, self.mean, self.variance, b, c, s, self.variance_delta)
+        _ref.normalize_delta_cpu(
+            self.x, self.mean, self.variance, self.mean_delta, self.variance_delta, b, c, s, self.delta
+        )
+
+    def train_step(self) -> None:
+        self.forward(True)
+        self.backward()
+
+    def infer(self) -> None:
+        self.forward(False)
+
+    def results(self) -> Arrays:
+        self.scale_updates[:] = 0
+        self.bias_updates[:] = 0
+        self.forward(True)
+        y = self.output.copy()
+        self.backward()
+        return {"y": y, "dx": self.delta.copy(), "dgamma": self.scale_updates.copy(),
+                "dbeta": self.bias_updates.copy()}
+
+    def infer_output(self) -> np.ndarray:
+        self.infer()
+        return self.output.copy()
+
+
+class NumpyPeer(Peer):
+    """The standard (PyTorch) batch norm, written plainly in vectorized NumPy; allocates as it goes."""
+
+    name = "numpy"
+    label = "numpy"
+
+    def __init__(self, x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> None:
+        super().__init__(x, dy, gamma, beta)
+        c = self.shape[1]
+        self.x, self.dy = x, dy
+        self.gamma = gamma.reshape(1, c, 1, 1).astype(np.float32)
+        self.beta = beta.reshape(1, c, 1, 1).astype(np.float32)
+        self.running_mean = np.zeros(c, np.float32)
+        self.running_var = np.ones(c, np.float32)
+        self.out: Arrays = {}
+
+    def train_step(self) -> None:
+        x, dy, gamma, beta = self.x, self.dy, self.gamma, self.beta
+        axes = (0, 2, 3)
+        m = x.size // x.shape[1]
+        # forward
+        mean = x.mean(axis=axes, keepdims=True)
+        var = x.var(axis=axes, keepdims=True)
+        invstd = 1.0 / np.sqrt(var + np.float32(EPS))
+        x_hat = (x - mean) * invstd
+        y = gamma * x_hat + beta
+        mom = np.float32(STD_MOMENTUM)
+        self.running_mean = (1 - mom) * self.running_mean + mom * mean.ravel()
+        self.running_var = (1 - mom) * self.running_var + mom * var.ravel() * np.float32(m / (m - 1))
+        # backward
+        dbeta = dy.sum(axis=axes, keepdims=True)
+        dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)
+        dx = (gamma * invstd / m) * (m * dy - dbeta - x_hat * dgamma)
+        self.out = {"y": y, "dx": dx, "dgamma": dgamma.ravel(), "dbeta": dbeta.ravel()}
+
+    def infer(self) -> None:
+        c = self.shape[1]
+        mean = self.running_mean.reshape(1, c, 1, 1)
+        invstd = 1.0 / np.sqrt(self.running_var.reshape(1, c, 1, 1) + np.float32(EPS))
+        self.out["y_infer"] = (self.x - mean) * invstd * self.gamma + self.beta
+
+    def results(self) -> Arrays:
+        self.train_step()
+        return {k: np.array(v) for k, v in self.out.items() if k != "y_infer"}
+
+    def infer_output(self) -> np.ndarray:
+        self.infer()
+        return np.array(self.out["y_infer"])
+
+
+class TorchPeer(Peer):
+    """PyTorch's CPU batch norm through the native ATen ops (no autograd), allocating or ``out=``."""
+
+    def __init__(
+        self, x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.ndarray, torch: Any, out: bool
+    ) -> None:
+        super().__init__(x, dy, gamma, beta)
+        c = self.shape[1]
+        self.torch = torch
+        self.use_out = out
+        self.name = "torch_out" if out else "torch"
+        self.label = "torch out=" if out else "torch native"
+        self.x = torch.from_numpy(x)
+        self.dy = torch.from_numpy(dy)
+        self.weight = torch.from_numpy(gamma.astype(np.float32).copy())
+        self.bias = torch.from_numpy(beta.astype(np.float32).copy())
+        self.running_mean = torch.zeros(c)
+        self.running_var = torch.ones(c)
+        self.fwd = torch.ops.aten.native_batch_norm.default
+        self.bwd = torch.ops.aten.native_batch_norm_backward.default
+        self.fwd_out = torch.ops.aten.native_batch_norm.out
+        self.bwd_out = torch.ops.aten.native_batch_norm_backward.out
+        if out:
+            self.y = torch.empty_like(self.x)
+            self.y_infer = torch.empty_like(self.x)
+            self.save_mean, self.save_invstd = torch.empty(c), torch.empty(c)
+            self.infer_mean, self.infer_invstd = torch.empty(c), torch.empty(c)
+            self.dx = torch.empty_like(self.x)
+            self.dgamma, self.dbeta = torch.empty(c), torch.empty(c)
+        self.last: Tuple[Any, ...] = ()
+        self.last_infer: Any = None
+
+    def train_step(self) -> None:
+        t = self
+        if self.use_out:
+            y, sm, si = t.fwd_out(t.x, t.weight, t.bias, t.running_mean, t.running_var, True, STD_MOMENTUM, EPS,
+                                  out=t.y, save_mean=t.save_mean, save_invstd=t.save_invstd)
+            dx, dg, db = t.bwd_out(t.dy, t.x, t.weight, t.running_mean, t.running_var, sm, si, True, EPS,
+                                   [True, True, True], out0=t.dx, out1=t.dgamma, out2=t.dbeta)
+        else:
+            y, sm, si = t.fwd(t.x, t.weight, t.bias, t.running_mean, t.running_var, True, STD_MOMENTUM, EPS)
+            dx, dg, db = t.bwd(t.dy, t.x, t.weight, t.running_mean, t.running_var, sm, si, True, EPS,
+                               [True, True, True])
+        self.last = (y, dx, dg, db)
+
+    def infer(self) -> None:
+        t = self
+        if self.use_out:
+            y = t.fwd_out(t.x, t.weight, t.bias, t.running_mean, t.running_var, False, STD_MOMENTUM, EPS,
+                          out=t.y_infer, save_mean=t.infer_mean, save_invstd=t.infer_invstd)[0]
+        else:
+            y = t.fwd(t.x, t.weight, t.bias, t.running_mean, t.running_var, False, STD_MOMENTUM, EPS)[0]
+        self.last_infer = y
+
+    def results(self) -> Arrays:
+        self.train_step()
+        y, dx, dg, db = (a.numpy().copy() for a in self.last)
+        return {"y": y, "dx": dx, "dgamma": dg, "dbeta": db}
+
+    def infer_output(self) -> np.ndarray:
+        self.infer()
+        return self.last_infer.numpy().copy()
+
+
+def make_data(shape: Shape, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Input x (mean 0.5, std 2), delta dy, gamma and beta for ``shape``, float32."""
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x *= 2.0
+    x += 0.5
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    gamma = (1.0 + 0.1 * rng.standard_normal(c)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(c)).astype(np.float32)
+    return x, dy, gamma, beta
+
+
+def make_peers(shape: Shape, torch: Any, seed: int = 0) -> List[Peer]:
+    """Every peer for ``shape`` on the same data (darknet_bn standard first: the baseline)."""
+    x, dy, gamma, beta = make_data(shape, seed)
+    peers: List[Peer] = [
+        LayerPeer(x, dy, gamma, beta, "standard"),
+        LayerPeer(x, dy, gamma, beta, "darknet"),
+    ]
+    if torch is not None:
+        peers.append(TorchPeer(x, dy, gamma, beta, torch, out=False))
+        peers.append(TorchPeer(x, dy, gamma, beta, torch, out=True))
+    peers.append(NumpyPeer(x, dy, gamma, beta))
+    peers.append(ReferencePeer(x, dy, gamma, beta))
+    return peers
+
+
+def baseline_name(peer_numerics: str) -> str:
+    """The darknet_bn peer a peer's ratios are taken against: the one with the same numerics."""
+    return f"darknet_bn_{peer_numerics}"
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def _scaled_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max(1, max |want|), in float64; inf on a shape mismatch or NaN."""
+    g = np.asarray(got, np.float64).reshape(-1)
+    w = np.asarray(want, np.float64).reshape(-1)
+    if g.shape != w.shape:
+        return float("inf")
+    d = float(np.max(np.abs(g - w))) if g.size else 0.0
+    if not np.isfinite(d):
+        return float("inf")
+    return d / max(1.0, float(np.max(np.abs(w))) if w.size else 1.0)
+
+
+def check_agreement(peers: Sequence[Peer]) -> Dict[str, Any]:
+    """Run one training step and one inference on each (fresh) peer; compare with darknet_bn.
+
+    Standard-numerics peers are compared with ``darknet_bn standard``, the
+    reference path with ``darknet_bn darknet``: y, dx, dgamma, dbeta of the
+    training step and the inference output. Returns per-peer worst scaled
+    difference (max |diff| / max(1, max |baseline|)) and per-array details.
+    """
+    results = {p.name: p.results() for p in peers}
+    for p in peers:
+        results[p.name]["y_infer"] = p.infer_output()
+    per_peer: Dict[str, Dict[str, float]] = {}
+    for p in peers:
+        base = baseline_name(p.numerics)
+        if p.name == base or base not in results:
+            continue
+        per_peer[p.name] = {
+            k: _scaled_diff(results[p.name][k], results[base][k]) for k in ("y", "dx", "dgamma", "dbeta", "y_infer")
+        }
+    worst = max((max(v.values()) for v in per_peer.values()), default=0.0)
+    return {
+        "shape": list(peers[0].shape),
+        "max_scaled_diff": worst,
+        "agree": bool(worst <= AGREE_TOL),
+        "tolerance": AGREE_TOL,
+        "per_peer": per_peer,
+    }
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def copy_bandwidth(threads: int, megabytes: int = 256, reps: int = 7) -> float:
+    """Bytes read + written per second by ``np.copyto`` split over ``threads`` threads (median).
+
+    NumPy releases the GIL while copying, so the threads copy in parallel.
+    """
+    n = max(1, megabytes * (1 << 20) // 4)
+    src = np.ones(n, np.float32)
+    dst = np.zeros(n, np.float32)
+    bounds = [n * t // threads for t in range(threads + 1)]
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    times = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            list(pool.map(lambda p: np.copyto(p[0], p[1]), parts))
+            times.append(time.perf_counter() - t0)
+    return 2.0 * n * 4 / statistics.median(times[1:])  # the first copy also faults the pages in
+
+
+def _timed(fn: Callable[[], None], inner: int) -> float:
+    """Seconds per call of ``fn`` over ``inner`` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def calibrate(fn: Callable[[], None], min_time: float, max_inner: int = 100_000) -> int:
+    """How many back-to-back calls make one sample last at least ``min_time`` seconds."""
+    inner = 1
+    while True:
+        t = _timed(fn, inner) * inner
+        if t >= min_time or inner >= max_inner:
+            return inner
+        inner = min(max_inner, max(inner * 2, int(inner * 1.2 * min_time / max(t, 1e-9)) + 1))
+
+
+def set_threads(n: int, torch: Any) -> None:
+    """Give darknet_bn and torch the same thread count."""
+    darknet_bn.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+def bench_cell(
+    peers: Sequence[Peer],
+    threads: int,
+    torch: Any,
+    bandwidth: float,
+    reps: Optional[int],
+    min_time: float,
+    budget: float,
+    max_reps: int,
+    progress: Callable[[float, str], None],
+) -> Dict[str, Any]:
+    """Time every peer's two passes at ``threads`` threads, repetitions interleaved across peers.
+
+    ``reps`` None chooses the repetition count from the warm-up timings so the
+    cell takes about ``budget`` seconds (between 3 and ``max_reps``).
+    """
+    set_threads(threads, torch)
+    b, c, h, w = peers[0].shape
+    label = f"{b}x{c}x{h}x{w} @{threads}t"
+    # warm up (twice) and choose the inner loop count of each (peer, pass)
+    inner: Dict[Tuple[str, str], int] = {}
+    one_rep = 0.0
+    for p in peers:
+        for which in PASSES:
+            fn = (lambda p=p, which=which: p.run(which))
+            fn()
+            inner[p.name, which] = calibrate(fn, min_time)
+            one_rep += _timed(fn, inner[p.name, which]) * inner[p.name, which]
+    progress(0.2, f"{label} warm")
+    if reps is None:
+        reps = int(min(max_reps, max(3, budget // max(one_rep, 1e-9))))
+    samples: Dict[str, Dict[str, List[float]]] = {p.name: {k: [] for k in PASSES} for p in peers}
+    for r in range(reps):
+        for which in PASSES:
+            for p in peers:
+                time.sleep(SETTLE_S)
+                samples[p.name][which].append(_timed(lambda: p.run(which), inner[p.name, which]))
+        progress(0.8 / reps, f"{label} rep {r + 1}/{reps}")
+    n_values = b * c * h * w
+    roof = {k: ROOF_FLOATS[k] * 4 * n_values / bandwidth for k in PASSES}
+    cell: Dict[str, Any] = {
+        "shape": [b, c, h, w],
+        "threads": threads,
+        "darknet_bn_threads": darknet_bn.get_num_threads(),
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "megabytes": n_values * 4 / 1e6,
+        "reps": reps,
+        "copy_bandwidth": bandwidth,
+        "roofline": {f"{k}_s": roof[k] for k in PASSES},
+        "peers": {},
+    }
+    for p in peers:
+        med = {k: statistics.median(samples[p.name][k]) for k in PASSES}
+        cell["peers"][p.name] = {
+            "label": p.label,
+            "numerics": p.numerics,
+            "baseline": baseline_name(p.numerics),
+            "inner": {k: inner[p.name, k] for k in PASSES},
+            **{f"{k}_s": med[k] for k in PASSES},
+            **{f"{k}_samples": samples[p.name][k] for k in PASSES},
+        }
+    for p in peers:
+        entry = cell["peers"][p.name]
+        base = cell["peers"].get(entry["baseline"])
+        entry["ratio"] = {k: (entry[f"{k}_s"] / base[f"{k}_s"] if base else None) for k in PASSES}
+    dn = cell["peers"]["darknet_bn_standard"]
+    cell["roofline"]["ratio"] = {k: roof[k] / dn[f"{k}_s"] for k in PASSES}
+    return cell
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def fmt_time(s: float) -> str:
+    """A time per call with a unit that keeps 3-4 significant digits."""
+    if s >= 1:
+        return f"{s:8.3f} s "
+    if s >= 1e-3:
+        return f"{s * 1e3:8.3f} ms"
+    return f"{s * 1e6:8.2f} us"
+
+
+def fmt_size(megabytes: float) -> str:
+    """``102.76`` -> "103 MB", ``0.26`` -> "262 KB"."""
+    if megabytes >= 10:
+        return f"{megabytes:.0f} MB"
+    if megabytes >= 1:
+        return f"{megabytes:.1f} MB"
+    return f"{megabytes * 1e3:.2g} KB" if megabytes < 0.01 else f"{megabytes * 1e3:.0f} KB"
+
+
+def shape_label(shape: Sequence[int]) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def table(cells: Sequence[Dict[str, Any]]) -> str:
+    """The terminal table: per thread count, per shape, each peer's medians and ratios."""
+    lines: List[str] = []
+    for threads in sorted({c["threads"] for c in cells}):
+        group = [c for c in cells if c["threads"] == threads]
+        bw = group[0]["copy_bandwidth"]
+        lines.append(f"== {threads} thread{'s' if threads > 1 else ''} "
+                     f"(copy bandwidth {bw / 1e9:.1f} GB/s) ==")
+        lines.append(f"{'shape':<16} {'peer':<21} {'train step':>11} {'ratio':>8} {'inference':>11} {'ratio':>8}")
+        for c in group:
+            name = shape_label(c["shape"])
+            rows = [(e["label"], e["train_step_s"], e["ratio"]["train_step"], e["infer_s"], e["ratio"]["infer"])
+                    for e in c["peers"].values()]
+            rf = c["roofline"]
+            rows.append(("roofline", rf["train_step_s"], rf["ratio"]["train_step"], rf["infer_s"],
+                         rf["ratio"]["infer"]))
+            for i, (label, ts, tr, inf, ir) in enumerate(rows):
+                ratio = lambda r: f"{r:7.2f}x" if r is not None else "       -"  # noqa: E731
+                lines.append(f"{name if i == 0 else '':<16} {label:<21} {fmt_time(ts):>11} {ratio(tr):>8} "
+                             f"{fmt_time(inf):>11} {ratio(ir):>8}")
+            lines.append(f"{'':<16} ({c['reps']} reps, {fmt_size(c['megabytes'])})")
+        lines.append("")
+    lines.append("Times are medians per call. ratio = peer time / darknet_bn time with the same numerics")
+    lines.append("(standard for torch and numpy, darknet for the reference path): 3.00x means darknet_bn is 3x")
+    lines.append("faster. The reference path is single-threaded C loops called from Python; numpy is")
+    lines.append("single-threaded. roofline = least bytes moved / DRAM copy bandwidth (a floor for the")
+    lines.append("out-of-cache shapes; shapes that fit in cache can beat it); its ratio = the fraction of the")
+    lines.append("roof darknet_bn standard reaches.")
+    return "\n".join(lines)
+
+
+PEER_COLORS = {
+    "darknet_bn_standard": "#1f77b4",
+    "darknet_bn_darknet": "#6baed6",
+    "torch": "#d62728",
+    "torch_out": "#ff9896",
+    "numpy": "#2ca02c",
+    "reference": "#9467bd",
+}
+
+
+def plot(cells: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
+    """Grouped bars of speedup over PyTorch (or over NumPy without torch), per shape and pass.
+
+    One column of panels per thread count, one row per pass; log scale; a
+    line at 1x; a black tick per shape marks the roofline. Returns the path,
+    or None when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    have_torch = "torch" in cells[0]["peers"]
+    base = "torch" if have_torch else "numpy"
+    base_label = "PyTorch (native_batch_norm)" if have_torch else "NumPy"
+    threads_list = sorted({c["threads"] for c in cells})
+    names = [n for n in cells[0]["peers"] if n != base]
+    nrows, ncols = len(PASSES), len(threads_list)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols + 1, 4.3 * nrows), squeeze=False, sharey="row")
+    width = 0.8 / len(names)
+    for col, threads in enumerate(threads_list):
+        group = [c for c in cells if c["threads"] == threads]
+        xs = np.arange(len(group))
+        for row, which in enumerate(PASSES):
+            ax = axes[row][col]
+            lo, hi = 1.0, 1.0
+            for i, name in enumerate(names):
+                vals = [c["peers"][base][f"{which}_s"] / c["peers"][name][f"{which}_s"] for c in group]
+                lo, hi = min(lo, *vals), max(hi, *vals)
+                pos = xs - 0.4 + width * (i + 0.5)
+                bars = ax.bar(pos, vals, width, color=PEER_COLORS.get(name), label=group[0]["peers"][name]["label"],
+                              edgecolor="white", linewidth=0.5)
+                if name == "darknet_bn_standard":
+                    for bar, v in zip(bars, vals):
+                        ax.annotate(f"{v:.1f}x" if v >= 0.95 else f"{v:.2g}x", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                                    va="bottom", fontsize=8, fontweight="bold", xytext=(0, 2),
+                                    textcoords="offset points", zorder=5,
+                                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+            roofs = [c["peers"][base][f"{which}_s"] / c["roofline"][f"{which}_s"] for c in group]
+            hi = max(hi, *roofs)
+            ax.hlines(roofs, xs - 0.42, xs + 0.42, colors="black", linewidth=2, label="roofline (bytes / DRAM copy bandwidth)")
+            ax.axhline(1.0, color="#444444", linestyle="--", linewidth=1, label=f"{base_label} = 1x")
+            ax.set_yscale("log")
+            ax.set_ylim(lo / 1.6, hi * 2.2)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{shape_label(c['shape'])}\n{fmt_size(c['megabytes'])}" for c in group], fontsize=8)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.grid(axis="y", which="major", alpha=0.35)
+            ax.grid(axis="y", which="minor", alpha=0.12)
+            ax.set_title(f"{PASS_TITLES[which]}, {threads} thread{'s' if threads > 1 else ''}", fontsize=11)
+            if col == 0:
+                ax.set_ylabel(f"speedup over {base_label.split(' ')[0]} (higher is faster)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    fig.suptitle(f"darknet_bn batch norm vs peers: speedup over {base_label} (median per call)", fontsize=13)
+    fig.tight_layout(rect=(0, 0.07 if len(labels) > 4 else 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def machine_info(torch: Any) -> Dict[str, Any]:
+    """CPU model, core counts, library versions and the date."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "darknet_bn": darknet_bn.info(),
+        "torch": torch.__version__ if torch is not None else None,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_shape(text: str) -> Shape:
+    """``"8x32x208x208"`` -> (8, 32, 208, 208); batch*h*w must be >= 2 (training)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be BxCxHxW with positive integers, got {text!r}")
+    if vals[0] * vals[2] * vals[3] < 2:
+        raise argparse.ArgumentTypeError(f"shape {text!r} has fewer than 2 values per channel")
+    return vals  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    p = argparse.ArgumentParser(
+        prog="python -m darknet_bn.bench",
+        description="Time darknet_bn's batch-norm layer (training step and inference) against PyTorch, "
+                    "NumPy and the reference C loops, side by side in one process (SPEC §7).",
+        epilog="Writes bench.json, bench.txt and bench.png into --out. Ratios are peer / darknet_bn.",
+    )
+    p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="BxCxHxW",
+                   help="shapes to time (default: SPEC §7's six; with --quick the three small ones)")
+    p.add_argument("--threads", nargs="+", type=int, metavar="N",
+                   help=f"thread counts (default: 1 and all usable cores, here {usable})")
+    p.add_argument("--reps", type=int, default=None,
+                   help="repetitions per (shape, threads); default: chosen per shape from a time budget")
+    p.add_argument("--quick", action="store_true", help="small shapes only and fewer repetitions")
+    p.add_argument("--out", default=os.path.join("results", "bench"), help="output directory (default: %(default)s)")
+    p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="least seconds per sample; fast calls are looped (default 0.005, 0.002 with --quick)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed repetitions per (shape, threads) when --reps is not given "
+                        "(default 6, 1.5 with --quick)")
+    p.add_argument("--bandwidth-mb", type=int, default=256,
+                   help="buffer size for the copy-bandwidth measurement (default: %(default)s MB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _import_torch(disabled: bool) -> Any:
+    if disabled:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark; print the table; write bench.json/.txt/.png. Returns 0, or 1 if peers disagree."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    torch = _import_torch(args.no_torch)
+    shapes: List[Shape] = list(args.shapes or (QUICK_SHAPES if args.quick else SHAPES))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads_list = sorted(set(args.threads or [1, usable]))
+    if min(threads_list) < 1:
+        print("error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    if args.reps is not None and args.reps < 1:
+        print("error: --reps must be >= 1", file=sys.stderr)
+        return 2
+    min_time = args.min_time if args.min_time is not None else (0.002 if args.quick else 0.005)
+    budget = args.budget if args.budget is not None else (1.5 if args.quick else 6.0)
+    max_reps = 5 if args.quick else 15
+    old_threads = darknet_bn.get_num_threads()
+    old_torch_threads = torch.get_num_threads() if torch is not None else None
+
+    machine = machine_info(torch)
+    print(f"darknet_bn {machine['darknet_bn']['version']} ({machine['darknet_bn']['simd']}), "
+          f"torch {machine['torch'] or 'not used'}, numpy {machine['numpy']}; "
+          f"{machine['cpu_model']}, {usable} usable cores"
+          + (f", load average {machine['load_average_start'][0]:.2f}" if machine["load_average_start"] else ""))
+
+    # Are the peers computing the same thing?
+    set_threads(max(threads_list), torch)
+    check = check_agreement(make_peers(CHECK_SHAPE, torch, seed=1))
+    worst = check["max_scaled_diff"]
+    print(f"peers agree: max |diff| = {worst:.2e} (scaled by max(1, |value|); y, dx, dgamma, dbeta, inference "
+          f"on {shape_label(CHECK_SHAPE)}; tolerance {AGREE_TOL:g})" if check["agree"] else
+          f"PEERS DISAGREE: max |diff| = {worst:.2e} > {AGREE_TOL:g}: {check['per_peer']}")
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    n_cells = len(shapes) * len(threads_list)
+    bar = None
+    if tqdm is not None and not args.no_progress:
+        bar = tqdm(total=n_cells, file=sys.stderr, unit="cell", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total} cells [{elapsed}<{remaining}]")
+
+    def progress(amount: float, text: str) -> None:
+        if bar is not None:
+            bar.set_description_str(text, refresh=False)
+            bar.update(amount)
+
+    bandwidth = {}
+    for n in threads_list:
+        progress(0.0, f"copy bandwidth @{n}t")
+        bandwidth[n] = copy_bandwidth(n, args.bandwidth_mb)
+    cells: List[Dict[str, Any]] = []
+    shape_checks: List[Dict[str, Any]] = []
+    try:
+        for shape in shapes:
+            progress(0.0, f"{shape_label(shape)} setup")
+            peers = make_peers(shape, torch)
+            set_threads(max(threads_list), torch)
+            shape_checks.append(check_agreement(peers))
+            for n in threads_list:
+                cells.append(bench_cell(peers, n, torch, bandwidth[n], args.reps, min_time, budget, max_reps,
+                                        progress))
+            del peers
+    finally:
+        if bar is not None:
+            bar.close()
+        darknet_bn.set_num_threads(old_threads)
+        if torch is not None:
+            torch.set_num_threads(old_torch_threads)
+
+    text = table(cells)
+    print()
+    print(text)
+    all_agree = check["agree"] and all(c["agree"] for c in shape_checks)
+    worst_shape = max((c["max_scaled_diff"] for c in shape_checks), default=0.0)
+    if not all(c["agree"] for c in shape_checks):
+        print(f"PEERS DISAGREE on a benchmark shape: max |diff| = {worst_shape:.2e}", file=sys.stderr)
+
+    os.makedirs(args.out, exist_ok=True)
+    wall = time.perf_counter() - start
+    report = {
+        "schema": SCHEMA,
+        "machine": machine,
+        "config": {
+            "shapes": [list(s) for s in shapes],
+            "threads": threads_list,
+            "reps": args.reps,
+            "quick": args.quick,
+            "torch": torch is not None,
+            "min_time_s": min_time,
+            "budget_s": budget,
+            "passes": list(PASSES),
+            "roofline_floats_per_value": ROOF_FLOATS,
+        },
+        "agreement": {"check": check, "shapes": shape_checks, "agree": all_agree},
+        "copy_bandwidth": {str(n): bw for n, bw in bandwidth.items()},
+        "results": cells,
+        "wall_time_s": None,
+    }
+    png = plot(cells, os.path.join(args.out, "bench.png"))
+    if png is None:
+        print("matplotlib is not installed: no bench.png (pip install 'darknet_bn[bench]')", file=sys.stderr)
+    wall = time.perf_counter() - start
+    report["wall_time_s"] = wall
+    if hasattr(os, "getloadavg"):
+        machine["load_average_end"] = list(os.getloadavg())
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "bench.txt"), "w") as f:
+        f.write(text + "\n")
+    print(f"\nwall time {wall:.1f} s; wrote {os.path.join(args.out, 'bench.json')}"
+          + (f", {png}" if png else "") + f", {os.path.join(args.out, 'bench.txt')}")
+    return 0 if all_agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,805 @@
+"""Reproduce figure 1 of the batch-normalization paper with darknet_bn.
+
+Ioffe & Szegedy (2015, arXiv:1502.03167), figure 1: on MNIST, a network of
+three fully connected hidden layers of 100 sigmoid units trains faster and
+reaches a higher test accuracy with batch normalization, and the distribution
+of a sigmoid's input stays steady with it while it drifts without it. The paper
+also claims that batch normalization allows much higher learning rates.
+
+This demo trains the same kind of network, 64 -> 100 -> 100 -> 100 -> 10 with
+sigmoid hidden units and a softmax output, by mini-batch SGD with momentum (60
+examples per batch, as in the paper), on the 8x8 handwritten digits that ship
+inside scikit-learn (``sklearn.datasets.load_digits``: 1,797 images, split once
+and for all into 1,500 training and 297 test images, stratified by class). The
+dense layers, sigmoids and loss are plain NumPy; every batch-norm layer is a
+:class:`darknet_bn.BatchNormLayer` (Darknet numerics), placed between a dense
+layer and its sigmoid, and trained with its own ``backward`` and ``update``.
+
+Runs: without and with batch norm at the base learning rate, and both again at
+5x and 30x that rate. Outputs, into ``--out`` (default ``results/demo/``):
+
+- ``results.json``: the configuration and, for every run, its name, whether it
+  uses batch norm, its learning rate, the evaluation steps, the test accuracy
+  and the mean training loss at those steps, and the 15th, 50th and 85th
+  percentiles of the tracked sigmoid's input over the test set;
+- ``accuracy.png``: test accuracy against training steps at the base rate
+  (the paper's figure 1a);
+- ``distributions.png``: the tracked sigmoid's input percentiles over training,
+  without and with batch norm (figures 1b and 1c);
+- ``learning_rates.png``: the learning-rate sweep.
+
+A table on the terminal gives every run's final test accuracy and the steps it
+needed to reach 90 % test accuracy.
+
+Conventions. Everything follows Darknet's: a layer's ``delta`` holds
+-dLoss/dOutput for the loss summed over the batch, gradients accumulate into
+``*_updates`` buffers, and an update step is ``param += (lr / batch) *
+updates; updates *= momentum`` (SGD with momentum 0.9). The dense layers are
+updated exactly the way ``BatchNormLayer.update`` updates scales and biases,
+so both networks see the same optimizer. With batch norm, the dense layers in
+front of a batch-norm layer have no bias of their own: the batch-norm layer's
+``biases`` (beta) take that role, as in Darknet's connected layer. Both
+networks start from the same weights, N(0, 1/fan_in), and see the same batches.
+
+Evaluation (test accuracy, and the sigmoid-input percentiles over the test
+set) uses the batch-norm layers in inference mode, with the rolling
+statistics. The layers are built with ``momentum=0.1`` (rolling = 0.9 rolling
++ 0.1 batch statistic) rather than Darknet's 0.01: with 0.01 the rolling
+statistics would still be 26 % made of their starting values after 30 steps
+(0.99^30 = 0.74) and lag the drifting statistics of a run this short, so the
+early evaluations would measure the warm-up of the rolling averages instead of
+the network; with 0.1 that share is 4 % after 30 steps. The rolling variance
+starts at 1 instead of Darknet's 0 (the mean at 0, as in Darknet), so that an
+untrained layer is the identity in inference mode rather than a division by
+Darknet's 1e-6. The test set (297 images) is evaluated in one pass through a
+second ``BatchNormLayer`` per hidden layer, sized to the test set, into which
+the training layer's ``scales``, ``biases``, ``rolling_mean`` and
+``rolling_variance`` are copied before each evaluation.
+
+NumPy's BLAS is limited to one thread while training (threadpoolctl, which
+comes with scikit-learn): the matrices are tiny, BLAS threads only cost time,
+and one thread makes the results the same on any machine.
+
+Run ``python -m darknet_bn.demo --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from darknet_bn import BatchNormLayer
+
+# ----------------------------------------------------------------------------
+# Fixed settings of the experiment
+# ----------------------------------------------------------------------------
+
+BATCH = 60
+"""Examples per mini-batch, as in the paper."""
+
+LAYER_SIZES: Tuple[int, ...] = (64, 100, 100, 100, 10)
+"""Input, three hidden sigmoid layers, softmax output."""
+
+TEST_SIZE = 297
+"""Test images; leaves 1,500 training images, exactly 25 batches of 60."""
+
+SPLIT_SEED = 0
+"""The train/test split is the same whatever ``--seed`` says."""
+
+SGD_MOMENTUM = 0.9
+"""Momentum of every parameter update (dense layers and batch norm alike)."""
+
+BN_ROLLING_MOMENTUM = 0.1
+"""Weight of the batch statistic in the rolling ones (see the module docstring)."""
+
+BASE_LEARNING_RATE = 0.05
+"""Darknet-convention rate (the step is lr/batch times the summed gradient)."""
+
+LR_MULTIPLIERS: Tuple[int, ...] = (1, 5, 30)
+"""The learning-rate sweep, in multiples of the base rate."""
+
+PERCENTILES: Tuple[int, ...] = (15, 50, 85)
+"""Percentiles of the tracked sigmoid's input, as in figures 1b and 1c."""
+
+TRACKED_LAYER = len(LAYER_SIZES) - 3
+"""Index (0-based) of the tracked hidden layer: the last one."""
+
+TRACKED_UNIT = 0
+"""The tracked sigmoid in the last hidden layer."""
+
+TARGET_ACCURACY = 0.90
+"""The test accuracy whose first reach the table reports."""
+
+FULL_STEPS = 10000
+QUICK_STEPS = 2000
+DEFAULT_EVAL_POINTS = 200
+"""The default evaluation interval is steps/200 (see :func:`evaluation_steps`)."""
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """The digits, split into training and test sets.
+
+    Attributes:
+        x_train: (n_train, 64) float32 pixel intensities in [0, 1].
+        y_train: (n_train,) int64 labels 0-9.
+        x_test: (n_test, 64) float32.
+        y_test: (n_test,) int64.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_digits_split(test_size: int = TEST_SIZE, split_seed: int = SPLIT_SEED) -> Dataset:
+    """Loads scikit-learn's digits and splits them, stratified by class.
+
+    Pixel values 0-16 are scaled to [0, 1]. The split depends only on
+    ``test_size`` and ``split_seed``, never on the training seed.
+
+    Args:
+        test_size: number of test images.
+        split_seed: seed of the split.
+
+    Returns:
+        The :class:`Dataset`.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_size, stratify=y, random_state=split_seed
+    )
+    return Dataset(
+        np.ascontiguousarray(x_train),
+        np.ascontiguousarray(y_train),
+        np.ascontiguousarray(x_test),
+        np.ascontiguousarray(y_test),
+    )
+
+
+# ----------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow for large ``|z|``."""
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32, copy=False)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (n, k) logits."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Dense:
+    """A fully connected layer ``y = x W^T (+ b)`` with Darknet's update.
+
+    Gradients (of the loss summed over the batch, Darknet's sign: -dLoss) are
+    accumulated into ``weight_updates`` and ``bias_updates``; :meth:`update`
+    applies ``param += (lr / batch) * updates`` then ``updates *= momentum``.
+    """
+
+    def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, bias: bool) -> None:
+        """Initializes weights N(0, 1/n_in) and zero biases (if any)."""
+        self.weights = (rng.standard_normal((n_out, n_in)) / math.sqrt(n_in)).astype(np.float32)
+        self.biases: Optional[np.ndarray] = np.zeros(n_out, np.float32) if bias else None
+        self.weight_updates = np.zeros_like(self.weights)
+        self.bias_updates = np.zeros(n_out, np.float32)
+        self._input: Optional[np.ndarray] = None
+
+    def forward(self, x: np.ndarray, keep: bool = True) -> np.ndarray:
+        """Returns ``x W^T + b``; keeps ``x`` for :meth:`backward` if ``keep``."""
+        if keep:
+            self._input = x
+        y = x @ self.weights.T
+        if self.biases is not None:
+            y += self.biases
+        return y
+
+    def backward(self, delta: np.ndarray) -> np.ndarray:
+        """Accumulates the updates from ``delta`` (-dLoss/dy); returns -dLoss/dx."""
+        assert self._input is not None, "backward before a training forward"
+        self.weight_updates += delta.T @ self._input
+        if self.biases is not None:
+            self.bias_updates += delta.sum(axis=0)
+        return delta @ self.weights
+
+    def update(self, learning_rate: float, batch: int, momentum: float) -> None:
+        """Darknet's SGD-with-momentum step (no weight decay)."""
+        step = np.float32(learning_rate / batch)
+        self.weights += step * self.weight_updates
+        self.weight_updates *= np.float32(momentum)
+        if self.biases is not None:
+            self.biases += step * self.bias_updates
+            self.bias_updates *= np.float32(momentum)
+
+
+class Network:
+    """64 -> 100 -> 100 -> 100 -> 10, sigmoid hidden units, softmax output.
+
+    With ``batch_norm``, every hidden layer is dense (no bias) -> darknet_bn
+    ``BatchNormLayer`` -> sigmoid; without, dense (with bias) -> sigmoid.
+
+    Args:
+        rng: generator for the initial weights.
+        batch_norm: whether to insert the batch-norm layers.
+        batch: training mini-batch size.
+        eval_batch: size of the evaluation set (one pass in inference mode).
+        sizes: layer widths, input first.
+        bn_momentum: weight of the batch statistic in the rolling statistics.
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        batch_norm: bool,
+        batch: int = BATCH,
+        eval_batch: int = TEST_SIZE,
+        sizes: Sequence[int] = LAYER_SIZES,
+        bn_momentum: float = BN_ROLLING_MOMENTUM,
+    ) -> None:
+        self.batch_norm = batch_norm
+        self.batch = batch
+        self.eval_batch = eval_batch
+        n_hidden = len(sizes) - 2
+        self.dense: List[Dense] = [
+            Dense(sizes[i], sizes[i + 1], rng, bias=not (batch_norm and i < n_hidden))
+            for i in range(len(sizes) - 1)
+        ]
+        self.bn: List[BatchNormLayer] = []
+        self.bn_eval: List[BatchNormLayer] = []
+        if batch_norm:
+            for width in sizes[1:-1]:
+                layer = BatchNormLayer(batch, 1, 1, width, momentum=bn_momentum)
+                # Darknet starts the rolling variance at 0, which makes an
+                # inference forward before training divide by 1e-6; start it
+                # at 1 (as PyTorch does): the untrained layer is then the
+                # identity in inference mode.
+                layer.rolling_variance[:] = 1.0
+                self.bn.append(layer)
+                self.bn_eval.append(BatchNormLayer(eval_batch, 1, 1, width, momentum=bn_momentum))
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float,
+                   momentum: float = SGD_MOMENTUM) -> float:
+        """One SGD step on a mini-batch; returns its mean cross-entropy loss.
+
+        Args:
+            x: (batch, 64) float32 inputs.
+            y: (batch,) int labels.
+            learning_rate: Darknet-convention learning rate.
+            momentum: SGD momentum.
+        """
+        n = x.shape[0]
+        # Forward, keeping each sigmoid's output for its derivative.
+        sig_out: List[np.ndarray] = []
+        h = x
+        for i in range(len(self.dense) - 1):
+            z = self.dense[i].forward(h)
+            if self.bn:
+                z = self.bn[i].forward(z, train=True).copy()
+            h = sigmoid(z)
+            sig_out.append(h)
+        logits = self.dense[-1].forward(h)
+        p = softmax(logits)
+        rows = np.arange(n)
+        loss = float(-np.mean(np.log(np.maximum(p[rows, y], 1e-30))))
+
+        # Backward: delta = -dLoss/d(logits) for the loss summed over the batch.
+        delta = -p
+        delta[rows, y] += 1.0
+        delta = self.dense[-1].backward(delta.astype(np.float32, copy=False))
+        for i in range(len(self.dense) - 2, -1, -1):
+            s = sig_out[i]
+            delta = delta * s * (1.0 - s)
+            if self.bn:
+                delta = self.bn[i].backward(np.ascontiguousarray(delta, dtype=np.float32)).copy()
+            delta = self.dense[i].backward(delta)
+
+        # Update, all layers the same Darknet way.
+        for d in self.dense:
+            d.update(learning_rate, self.batch, momentum)
+        for bn in self.bn:
+            bn.update(learning_rate, momentum=momentum)
+        return loss
+
+    def predict(self, x: np.ndarray) -> Tuple[np.ndarray, List[np.ndarray]]:
+        """Inference on ``eval_batch`` examples.
+
+        Returns:
+            The (n, 10) logits and, for every hidden layer, its sigmoids'
+            inputs (n, width) — the batch-norm output when batch norm is on.
+        """
+        if x.shape[0] != self.eval_batch:
+            raise ValueError(f"x: expected {self.eval_batch} rows, got {x.shape[0]}")
+        for train_layer, eval_layer in zip(self.bn, self.bn_eval):
+            eval_layer.scales[:] = train_layer.scales
+            eval_layer.biases[:] = train_layer.biases
+            eval_layer.rolling_mean[:] = train_layer.rolling_mean
+            eval_layer.rolling_variance[:] = train_layer.rolling_variance
+        pre: List[np.ndarray] = []
+        h = x
+        for i in range(len(self.dense) - 1):
+            z = self.dense[i].forward(h, keep=False)
+            if self.bn_eval:
+                z = self.bn_eval[i].forward(z, train=False).copy()
+            pre.append(z)
+            h = sigmoid(z)
+        return self.dense[-1].forward(h, keep=False), pre
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Limits NumPy's BLAS to one thread for the duration (if threadpoolctl is there).
+
+    The matrices here are tiny (60 x 100): BLAS threads only add overhead, and on
+    a busy 2-core machine their spin-waiting made training 5-10x slower. One
+    thread also makes the sums, and so the results, independent of the
+    machine's core count. threadpoolctl comes with scikit-learn.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn depends on it
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@dataclass
+class RunResult:
+    """What one training run records.
+
+    Attributes:
+        name: run name, e.g. ``"bn lr=0.5"``.
+        batch_norm: whether the network has batch-norm layers.
+        learning_rate: the Darknet-convention learning rate.
+        steps: the steps after which the test set was evaluated (0 first).
+        test_accuracy: test accuracy at each of ``steps``.
+        train_loss: mean training loss over the steps since the previous
+            evaluation (None at step 0).
+        sigmoid_input_percentiles: for each of ``steps``, the PERCENTILES of the
+            tracked sigmoid's input over the test set.
+        losses: the training loss of every step (kept in memory, not saved).
+        seconds: wall time of the run (not saved: results.json holds only
+            what the seed determines).
+    """
+
+    name: str
+    batch_norm: bool
+    learning_rate: float
+    steps: List[int] = field(default_factory=list)
+    test_accuracy: List[float] = field(default_factory=list)
+    train_loss: List[Optional[float]] = field(default_factory=list)
+    sigmoid_input_percentiles: List[List[Optional[float]]] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final_accuracy(self) -> float:
+        """Test accuracy at the last evaluation."""
+        return self.test_accuracy[-1]
+
+    def steps_to(self, accuracy: float = TARGET_ACCURACY) -> Optional[int]:
+        """First evaluated step with test accuracy >= ``accuracy``, or None."""
+        for s, a in zip(self.steps, self.test_accuracy):
+            if a >= accuracy:
+                return s
+        return None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The run as a JSON-ready dict (rounded; non-finite numbers become null)."""
+        return {
+            "name": self.name,
+            "batch_norm": self.batch_norm,
+            "learning_rate": self.learning_rate,
+            "steps": list(self.steps),
+            "test_accuracy": [_finite(a, 6) for a in self.test_accuracy],
+            "train_loss": [_finite(v, 5) for v in self.train_loss],
+            "sigmoid_input_percentiles": [[_finite(v, 5) for v in row] for row in self.sigmoid_input_percentiles],
+            "final_test_accuracy": _finite(self.final_accuracy, 6),
+            "steps_to_90": self.steps_to(TARGET_ACCURACY),
+        }
+
+
+def _finite(v: Optional[float], digits: int) -> Optional[float]:
+    """``v`` rounded to ``digits`` decimals, or None if it is None, NaN or infinite."""
+    if v is None or not math.isfinite(v):
+        return None
+    return round(float(v), digits)
+
+
+def evaluation_steps(steps: int, eval_every: int) -> List[int]:
+    """The steps after which the test set is evaluated.
+
+    Step 0 (before training), every ``eval_every`` steps, the last step, and
+    ten times more often during the first ``10 * eval_every`` steps, where
+    batch norm does most of its work, so that the steps to 90 % are resolved
+    there to ``eval_every // 10``.
+    """
+    fine = max(1, eval_every // 10)
+    chosen = {0, steps}
+    chosen.update(range(eval_every, steps + 1, eval_every))
+    chosen.update(range(fine, min(steps, 10 * eval_every) + 1, fine))
+    return sorted(chosen)
+
+
+def run_name(batch_norm: bool, learning_rate: float) -> str:
+    """The name of a run, e.g. ``"no BN, lr=0.1"``."""
+    return f"{'BN' if batch_norm else 'no BN'}, lr={learning_rate:g}"
+
+
+def train_run(
+    data: Dataset,
+    batch_norm: bool,
+    learning_rate: float,
+    steps: int,
+    eval_every: int,
+    seed: int = 0,
+    progress: bool = False,
+) -> RunResult:
+    """Trains one network from scratch and evaluates it along the way.
+
+    The initial weights and the order of the mini-batches depend only on
+    ``seed``: runs with the same seed start from the same weights and see
+    the same batches, whatever their learning rate or batch norm.
+
+    Args:
+        data: the dataset (the evaluation layers are sized to its test set).
+        batch_norm: whether to insert batch-norm layers.
+        learning_rate: Darknet-convention learning rate.
+        steps: number of SGD steps.
+        eval_every: evaluate the test set every this many steps (see
+            :func:`evaluation_steps`).
+        seed: the run's seed.
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        The :class:`RunResult`.
+    """
+    if steps < 1 or eval_every < 1:
+        raise ValueError("steps and eval_every must be >= 1")
+    init_seq, order_seq = np.random.SeedSequence(seed).spawn(2)
+    net = Network(np.random.default_rng(init_seq), batch_norm, eval_batch=data.x_test.shape[0])
+    order_rng = np.random.default_rng(order_seq)
+    result = RunResult(run_name(batch_norm, learning_rate), batch_norm, learning_rate)
+    n_train = data.x_train.shape[0]
+    per_epoch = n_train // BATCH
+    if per_epoch < 1:
+        raise ValueError(f"need at least {BATCH} training examples")
+
+    def evaluate(step: int, interval_losses: List[float]) -> None:
+        logits, pre = net.predict(data.x_test)
+        acc = float(np.mean(np.argmax(logits, axis=1) == data.y_test))
+        tracked = pre[TRACKED_LAYER][:, TRACKED_UNIT].astype(np.float64)
+        pct = np.percentile(tracked, PERCENTILES) if np.all(np.isfinite(tracked)) else [math.nan] * len(PERCENTILES)
+        result.steps.append(step)
+        result.test_accuracy.append(acc)
+        result.train_loss.append(float(np.mean(interval_losses)) if interval_losses else None)
+        result.sigmoid_input_percentiles.append([float(v) for v in pct])
+
+    at = set(evaluation_steps(steps, eval_every))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=f"{result.name:<15}", file=sys.stderr, unit="step",
+                   leave=True, dynamic_ncols=True, mininterval=0.25)
+    start = time.perf_counter()
+    with single_threaded_blas():
+        evaluate(0, [])
+        order = order_rng.permutation(n_train)
+        interval: List[float] = []
+        last_bar = 0
+        for step in range(1, steps + 1):
+            k = (step - 1) % per_epoch
+            if k == 0 and step > 1:
+                order = order_rng.permutation(n_train)
+            idx = order[k * BATCH:(k + 1) * BATCH]
+            loss = net.train_step(data.x_train[idx], data.y_train[idx], learning_rate)
+            result.losses.append(loss)
+            interval.append(loss)
+            if step in at:
+                evaluate(step, interval)
+                interval = []
+                if bar is not None:
+                    bar.update(step - last_bar)
+                    last_bar = step
+                    bar.set_postfix(acc=f"{result.test_accuracy[-1]:.3f}", loss=f"{result.train_loss[-1]:.3f}",
+                                    refresh=False)
+    result.seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def run_all(data: Dataset, steps: int, eval_every: int, seed: int, base_lr: float = BASE_LEARNING_RATE,
+            multipliers: Sequence[int] = LR_MULTIPLIERS, progress: bool = True) -> List[RunResult]:
+    """Every run of the demo: without and with batch norm, at each rate.
+
+    The base-rate pair comes first (it is the figure-1 comparison), then the
+    other rates of the sweep.
+    """
+    results = []
+    for mult in multipliers:
+        for batch_norm in (False, True):
+            results.append(train_run(data, batch_norm, base_lr * mult, steps, eval_every, seed, progress))
+    return results
+
+
+# ----------------------------------------------------------------------------
+# Output: JSON, table, figures
+# ----------------------------------------------------------------------------
+
+
+def results_json(results: Sequence[RunResult], config: Dict[str, Any]) -> Dict[str, Any]:
+    """The document written to ``results.json``.
+
+    Keys: ``description``; ``config`` (the experiment's settings); ``runs``, one
+    dict per run with ``name``, ``batch_norm``, ``learning_rate``, ``steps``,
+    ``test_accuracy``, ``train_loss`` (null at step 0), ``sigmoid_input_percentiles``
+    (one [p15, p50, p85] row per step), ``final_test_accuracy`` and
+    ``steps_to_90`` (null if never reached).
+    """
+    return {
+        "description": (
+            "Figure 1 of Ioffe & Szegedy (2015) on scikit-learn's 8x8 digits: a 64-100-100-100-10 sigmoid "
+            "network trained by SGD with and without darknet_bn batch normalization."
+        ),
+        "config": config,
+        "runs": [r.to_json() for r in results],
+    }
+
+
+def dump_results(doc: Dict[str, Any]) -> str:
+    """``doc`` as JSON text: indented, but each array of a run on one line."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=1)
+    runs = ",\n".join(
+        "  {\n" + ",\n".join(f"   {json.dumps(k)}: {json.dumps(v)}" for k, v in run.items()) + "\n  }"
+        for run in doc["runs"]
+    )
+    return head[: -len("\n}")] + ',\n "runs": [\n' + runs + "\n ]\n}\n"
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    """The terminal table: final test accuracy and steps to 90 % for each run."""
+    head = f"{'run':<16} {'batch norm':>10} {'learning rate':>13} {'final test acc':>14} {'steps to 90%':>12}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        reach = r.steps_to(TARGET_ACCURACY)
+        lines.append(
+            f"{r.name:<16} {'yes' if r.batch_norm else 'no':>10} {r.learning_rate:>13g} "
+            f"{100 * r.final_accuracy:>13.1f}% {('never' if reach is None else str(reach)):>12}"
+        )
+    return "\n".join(lines)
+
+
+_COLORS = {False: "tab:blue", True: "tab:red"}
+_LABELS = {False: "without batch norm", True: "with batch norm (darknet_bn)"}
+ZOOM_STEPS = 2000
+"""The left panel of accuracy.png shows the first this many steps."""
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _base_pair(results: Sequence[RunResult], base_lr: float) -> List[RunResult]:
+    """The runs at ``base_lr``, without batch norm first."""
+    return sorted((r for r in results if r.learning_rate == base_lr), key=lambda r: r.batch_norm)
+
+
+def plot_accuracy(results: Sequence[RunResult], path: Path, base_lr: float) -> None:
+    """Figure 1a: test accuracy against steps at the base learning rate.
+
+    Left: the start of training on the full accuracy scale (how fast).
+    Right: the whole run, zoomed on the top of the scale (how high).
+    """
+    plt = _pyplot()
+    pair = _base_pair(results, base_lr)
+    last = max(r.steps[-1] for r in pair)
+    zoom = min(last, ZOOM_STEPS)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1, 1]})
+    for r in pair:
+        for ax in (left, right):
+            ax.plot(r.steps, r.test_accuracy, color=_COLORS[r.batch_norm], lw=1.8, label=_LABELS[r.batch_norm])
+    for ax in (left, right):
+        ax.axhline(TARGET_ACCURACY, color="0.5", lw=1, ls=":", zorder=0)
+        ax.set_xlabel("training steps (batches of 60)")
+        ax.grid(alpha=0.3)
+    left.set_xlim(0, zoom)
+    left.set_ylim(0, 1.0)
+    left.set_ylabel("test accuracy")
+    left.set_title(f"first {zoom:,} steps")
+    left.legend(loc="lower right")
+    right.set_xlim(0, last)
+    right.set_ylim(0.85, 1.0)
+    right.set_title(f"all {last:,} steps, top of the scale")
+    for r in pair:
+        right.annotate(f"{100 * r.final_accuracy:.1f}%", (r.steps[-1], r.final_accuracy), xytext=(-4, 6),
+                       textcoords="offset points", ha="right", color=_COLORS[r.batch_norm], fontsize=10)
+    fig.suptitle(f"Test accuracy of a 64-100-100-100-10 sigmoid net on sklearn digits (lr={base_lr:g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_distributions(results: Sequence[RunResult], path: Path, base_lr: float) -> None:
+    """Figures 1b, 1c: the 15th, 50th, 85th percentiles of one sigmoid's input over training."""
+    plt = _pyplot()
+    pair = _base_pair(results, base_lr)
+    fig, axes = plt.subplots(1, len(pair), figsize=(10, 4.2), sharey=True)
+    axes = np.atleast_1d(axes)
+    styles = {15: ":", 50: "-", 85: "--"}
+    for ax, r in zip(axes, pair):
+        pct = np.array([[np.nan if v is None else v for v in row] for row in r.sigmoid_input_percentiles])
+        color = _COLORS[r.batch_norm]
+        ax.fill_between(r.steps, pct[:, 0], pct[:, -1], color=color, alpha=0.12, lw=0)
+        for j, q in reversed(list(enumerate(PERCENTILES))):
+            ax.plot(r.steps, pct[:, j], color=color, lw=1.8, ls=styles.get(q, "-"), label=f"{q}th percentile")
+        ax.set_title(_LABELS[r.batch_norm])
+        ax.set_xlabel("training steps (batches of 60)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right" if r.batch_norm else "lower left", fontsize=9)
+    axes[0].set_ylabel(f"input of sigmoid {TRACKED_UNIT}, hidden layer {TRACKED_LAYER + 1}")
+    fig.suptitle(f"Distribution of one sigmoid's input over the {TEST_SIZE} test images (lr={base_lr:g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_learning_rates(results: Sequence[RunResult], path: Path) -> None:
+    """The sweep: test accuracy against steps (log scale), one panel per learning rate.
+
+    Each panel's title gives the steps to 90 % test accuracy of both runs.
+    """
+    plt = _pyplot()
+    rates = sorted({r.learning_rate for r in results})
+    fig, axes = plt.subplots(1, len(rates), figsize=(10, 4.4), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, lr in zip(axes, rates):
+        notes = []
+        for r in sorted((r for r in results if r.learning_rate == lr), key=lambda r: r.batch_norm):
+            steps = np.array(r.steps)
+            keep = steps > 0
+            ax.plot(steps[keep], np.array(r.test_accuracy)[keep], color=_COLORS[r.batch_norm], lw=1.8,
+                    label=_LABELS[r.batch_norm])
+            reach = r.steps_to(TARGET_ACCURACY)
+            notes.append(f"{'BN' if r.batch_norm else 'no BN'} {'never' if reach is None else f'{reach:,}'}")
+        ax.axhline(TARGET_ACCURACY, color="0.5", lw=1, ls=":", zorder=0)
+        ax.set_xscale("log")
+        ax.set_title(f"lr = {lr:g} ({lr / rates[0]:g}x)\nsteps to 90%: " + ", ".join(notes), fontsize=11)
+        ax.set_xlabel("training steps (log scale)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+    fig.suptitle("Learning-rate sweep: which configurations still train")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command-line options."""
+    p = argparse.ArgumentParser(
+        prog="python -m darknet_bn.demo",
+        description=(
+            "Reproduce figure 1 of the batch-normalization paper (Ioffe & Szegedy 2015) on scikit-learn's "
+            "8x8 digits with darknet_bn: a 64-100-100-100-10 sigmoid network trained without and with batch "
+            "norm, plus a learning-rate sweep. Writes results.json, accuracy.png, distributions.png and "
+            "learning_rates.png into --out and prints a summary table."
+        ),
+    )
+    p.add_argument("--quick", action="store_true",
+                   help=f"short run ({QUICK_STEPS} steps per run instead of {FULL_STEPS}; under a minute)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per run (overrides the --quick / full default)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"evaluate the test set every N steps, and every N/10 during the first 10N "
+                        f"(default: steps/{DEFAULT_EVAL_POINTS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order (default 0)")
+    p.add_argument("--out", type=Path, default=Path("results/demo"),
+                   help="output directory (default results/demo/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.eval_every is not None and args.eval_every < 1:
+        p.error("--eval-every must be >= 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the demo; returns the process exit status."""
+    args = parse_args(argv)
+    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else FULL_STEPS)
+    eval_every = args.eval_every if args.eval_every is not None else max(1, steps // DEFAULT_EVAL_POINTS)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = load_digits_split()
+    config = {
+        "dataset": "sklearn.datasets.load_digits (8x8, pixel values / 16)",
+        "train_size": int(data.x_train.shape[0]),
+        "test_size": int(data.x_test.shape[0]),
+        "split_seed": SPLIT_SEED,
+        "layer_sizes": list(LAYER_SIZES),
+        "hidden_activation": "sigmoid",
+        "batch_size": BATCH,
+        "steps": steps,
+        "eval_every": eval_every,
+        "seed": args.seed,
+        "base_learning_rate": BASE_LEARNING_RATE,
+        "learning_rate_multipliers": list(LR_MULTIPLIERS),
+        "sgd": "Darknet: param += (lr/batch) * updates; updates *= momentum",
+        "sgd_momentum": SGD_MOMENTUM,
+        "batch_norm": "darknet_bn.BatchNormLayer, darknet numerics, before each hidden sigmoid",
+        "bn_rolling_momentum": BN_ROLLING_MOMENTUM,
+        "bn_rolling_variance_start": 1.0,
+        "weight_init": "N(0, 1/fan_in), biases 0",
+        "percentiles": list(PERCENTILES),
+        "tracked_sigmoid": {"hidden_layer": TRACKED_LAYER + 1, "unit": TRACKED_UNIT,
+                            "over": "test set, inference mode"},
+        "target_accuracy": TARGET_ACCURACY,
+    }
+    print(f"darknet_bn demo: {len(LR_MULTIPLIERS) * 2} runs of {steps} steps "
+          f"(batch {BATCH}, {data.x_train.shape[0]} train / {data.x_test.shape[0]} test digits), "
+          f"seed {args.seed}", flush=True)
+    start = time.perf_counter()
+    results = run_all(data, steps, eval_every, args.seed, progress=not args.no_progress)
+    train_seconds = time.perf_counter() - start
+
+    (out / "results.json").write_text(dump_results(results_json(results, config)), encoding="utf-8")
+    plot_accuracy(results, out / "accuracy.png", BASE_LEARNING_RATE)
+    plot_distributions(results, out / "distributions.png", BASE_LEARNING_RATE)
+    plot_learning_rates(results, out / "learning_rates.png")
+
+    print()
+    print(format_table(results))
+    print()
+    print(f"trained in {train_seconds:.1f} s; wrote results.json, accuracy.png, distributions.png, "
+          f"learning_rates.png to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
