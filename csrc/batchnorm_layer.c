@@ -56,22 +56,32 @@ batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
     l->momentum = 0.01f;
     l->state = STATE_NONE;
 
+    /* One zeroed allocation (calloc: pages are committed only when touched),
+     * every buffer at a 64-byte boundary so that all activation buffers share
+     * their alignment and the same offset is aligned in each. */
     size_t total = (size_t)batch * (size_t)l->outputs;
+    size_t act = (total * sizeof(float) + 63) / 64 * 64, chan = ((size_t)c * sizeof(float) + 63) / 64 * 64;
+    size_t scratch = (size_t)c * SC_WIDTH * sizeof(double);
     float **activations[] = {&l->output, &l->delta, &l->x, &l->x_norm};
     float **channels[] = {&l->scales,       &l->biases,           &l->scale_updates, &l->bias_updates,
                           &l->mean,         &l->variance,         &l->rolling_mean,  &l->rolling_variance,
                           &l->mean_delta,   &l->variance_delta};
-    int ok = 1;
-    for (size_t i = 0; i < sizeof activations / sizeof *activations; i++)
-        ok &= (*activations[i] = calloc(total, sizeof(float))) != NULL;
-    for (size_t i = 0; i < sizeof channels / sizeof *channels; i++)
-        ok &= (*channels[i] = calloc((size_t)c, sizeof(float))) != NULL;
-    ok &= (l->scratch = calloc((size_t)c * SC_WIDTH, sizeof(double))) != NULL;
-    if (!ok) {
-        free_batchnorm_layer(l);
+    size_t n_act = sizeof activations / sizeof *activations, n_chan = sizeof channels / sizeof *channels;
+    if (act > (SIZE_MAX - 64 - scratch - n_chan * chan) / n_act) {
+        free(l);
+        errno = EINVAL;
+        return NULL;
+    }
+    l->memory = calloc(1, 64 + n_act * act + n_chan * chan + scratch);
+    if (!l->memory) {
+        free(l);
         errno = ENOMEM;
         return NULL;
     }
+    char *next = (char *)(((uintptr_t)l->memory + 63) / 64 * 64);
+    for (size_t i = 0; i < n_act; i++, next += act) *activations[i] = (float *)next;
+    for (size_t i = 0; i < n_chan; i++, next += chan) *channels[i] = (float *)next;
+    l->scratch = (double *)next;
     for (int f = 0; f < c; f++) l->scales[f] = 1.0f;
     reset_running(l);
     return l;
@@ -80,12 +90,7 @@ batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
 void free_batchnorm_layer(batchnorm_layer *l)
 {
     if (!l) return;
-    float *buffers[] = {l->output,       l->delta,        l->x,          l->x_norm,
-                        l->scales,       l->biases,       l->scale_updates, l->bias_updates,
-                        l->mean,         l->variance,     l->rolling_mean, l->rolling_variance,
-                        l->mean_delta,   l->variance_delta};
-    for (size_t i = 0; i < sizeof buffers / sizeof *buffers; i++) free(buffers[i]);
-    free(l->scratch);
+    free(l->memory);
     free(l);
 }
 
@@ -111,7 +116,6 @@ typedef struct pass {
     const dnbn_rows *r;
     const dnbn_part *pt;
     const float *in; /* forward: the input; backward: dy */
-    double *sc;      /* the channel's scratch row, set per unit */
 } pass;
 
 /* Channel f's statistics from its moments: mean, variance, running stats, and
@@ -139,12 +143,11 @@ static void finish_stats(void *arg, idx_t f, const double acc[3])
     sc[SC_INV] = inv;
 }
 
-static void train_run(void *arg, idx_t off, idx_t len)
+static void train_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     pass *p = arg;
     batchnorm_layer *l = p->l;
-    idx_t f = (off / p->pt->spatial) % p->pt->filters;
-    const double *sc = p->sc;
+    const double *sc = l->scratch + f * SC_WIDTH;
     float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh);
     p->r->forward_train(p->in + off, l->x + off, l->x_norm + off, l->output + off, len, mh, ml,
                         (float)sc[SC_INV], l->scales[f], l->biases[f]);
@@ -152,31 +155,31 @@ static void train_run(void *arg, idx_t off, idx_t len)
 
 static void train_map_unit(void *arg, idx_t unit)
 {
-    pass p = *(pass *)arg;
-    p.sc = p.l->scratch + (unit / p.pt->parts) * SC_WIDTH;
-    dnbn_for_runs(p.pt, unit, train_run, &p);
+    pass *p = arg;
+    dnbn_for_runs(p->pt, unit, train_run, p);
 }
 
-static void stats_unit(void *arg, idx_t unit, double acc[3])
+static void stats_unit(void *arg, idx_t unit, double (*acc)[3])
 {
     pass *p = arg;
     dnbn_unit_moments(p->r, p->pt, p->in, unit, acc);
 }
 
-/* parts == 1: a whole channel per unit, statistics then transform. */
+/* parts == 1: whole channels per unit, statistics then transform. */
 static void train_fused_unit(void *arg, idx_t unit)
 {
-    double acc[3];
+    pass *p = arg;
+    double acc[DNBN_MAX_GROUP][3];
+    idx_t f0 = dnbn_unit_first(p->pt, unit), n = dnbn_unit_channels(p->pt, unit);
     stats_unit(arg, unit, acc);
-    finish_stats(arg, unit, acc);
+    for (idx_t j = 0; j < n; j++) finish_stats(arg, f0 + j, acc[j]);
     train_map_unit(arg, unit);
 }
 
-static void infer_run(void *arg, idx_t off, idx_t len)
+static void infer_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     pass *p = arg;
     batchnorm_layer *l = p->l;
-    idx_t f = (off / p->pt->spatial) % p->pt->filters;
     float rm = l->rolling_mean[f];
     double rv = l->rolling_variance[f];
     double inv = l->numerics == DNBN_NUMERICS_DARKNET ? 1.0 / (sqrt(rv) + DARKNET_EPS_FORWARD)
@@ -252,7 +255,7 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = {l, dnbn_rows_active(), &pt, net.input, NULL};
+    pass p = {l, dnbn_rows_active(), &pt, net.input};
     if (spatial == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
@@ -277,23 +280,25 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
 
 /* ---- backward ---- */
 
-static void sums_run(void *arg, idx_t off, idx_t len)
+struct sums_ctx {
+    pass *p;
+    idx_t f0;
+    double (*acc)[3];
+};
+
+static void sums_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
-    struct {
-        pass *p;
-        double *acc;
-    } *c = arg;
-    c->p->r->sum_dot(c->p->in + off, c->p->l->x_norm + off, len, &c->acc[0], &c->acc[1]);
+    struct sums_ctx *c = arg;
+    double *acc = c->acc[f - c->f0];
+    c->p->r->sum_dot(c->p->in + off, c->p->l->x_norm + off, len, &acc[0], &acc[1]);
 }
 
-static void sums_unit(void *arg, idx_t unit, double acc[3])
+static void sums_unit(void *arg, idx_t unit, double (*acc)[3])
 {
-    struct {
-        pass *p;
-        double *acc;
-    } c = {arg, acc};
-    acc[0] = acc[1] = acc[2] = 0;
-    dnbn_for_runs(((pass *)arg)->pt, unit, sums_run, &c);
+    pass *p = arg;
+    struct sums_ctx c = {p, dnbn_unit_first(p->pt, unit), acc};
+    for (idx_t j = 0; j < dnbn_unit_channels(p->pt, unit); j++) acc[j][0] = acc[j][1] = acc[j][2] = 0;
+    dnbn_for_runs(p->pt, unit, sums_run, &c);
 }
 
 /* Channel f's parameter gradients and the coefficients of dx = dy*A + x_norm*B + C. */
@@ -327,25 +332,27 @@ static void finish_sums(void *arg, idx_t f, const double acc[3])
     }
 }
 
-static void apply_run(void *arg, idx_t off, idx_t len)
+static void apply_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     pass *p = arg;
-    p->r->backward_apply(p->l->delta + off, p->in + off, p->l->x_norm + off, len, (float)p->sc[SC_A],
-                         (float)p->sc[SC_B], (float)p->sc[SC_C]);
+    const double *sc = p->l->scratch + f * SC_WIDTH;
+    p->r->backward_apply(p->l->delta + off, p->in + off, p->l->x_norm + off, len, (float)sc[SC_A],
+                         (float)sc[SC_B], (float)sc[SC_C]);
 }
 
 static void apply_unit(void *arg, idx_t unit)
 {
-    pass p = *(pass *)arg;
-    p.sc = p.l->scratch + (unit / p.pt->parts) * SC_WIDTH;
-    dnbn_for_runs(p.pt, unit, apply_run, &p);
+    pass *p = arg;
+    dnbn_for_runs(p->pt, unit, apply_run, p);
 }
 
 static void backward_fused_unit(void *arg, idx_t unit)
 {
-    double acc[3];
+    pass *p = arg;
+    double acc[DNBN_MAX_GROUP][3];
+    idx_t f0 = dnbn_unit_first(p->pt, unit), n = dnbn_unit_channels(p->pt, unit);
     sums_unit(arg, unit, acc);
-    finish_sums(arg, unit, acc);
+    for (idx_t j = 0; j < n; j++) finish_sums(arg, f0 + j, acc[j]);
     apply_unit(arg, unit);
 }
 
@@ -376,7 +383,7 @@ int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
     if (!l || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = {l, dnbn_rows_active(), &pt, delta_in, NULL};
+    pass p = {l, dnbn_rows_active(), &pt, delta_in};
     if (l->out_h * l->out_w == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, backward_tile, &p);

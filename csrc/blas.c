@@ -15,34 +15,37 @@ typedef struct kernel_ctx {
     const dnbn_part *pt;
     float *x, *delta, *mean, *variance, *scales, *mean_delta, *variance_delta;
     float *out; /* the per-channel output of a reduction */
-    /* per-unit parameters of an elementwise pass, set by its unit function */
-    float pa, pb, pc, pk;
 } kernel_ctx;
 
 static int sizes_ok(int batch, int filters, int spatial) { return batch > 0 && filters > 0 && spatial > 0; }
 
 /* ---- reductions ---- */
 
+/* A run function adds one run's sum into its channel's accumulator; k is the
+ * channel's shift (the given mean) where the kernel has one. */
 #define RUN_FN(name, body)                                                                                  \
-    static void name(void *arg, idx_t offset, idx_t len)                                                    \
+    static void name(void *arg, idx_t f, idx_t offset, idx_t len)                                           \
     {                                                                                                       \
         struct run_acc *ra = arg;                                                                           \
         const kernel_ctx *c = ra->c;                                                                        \
-        (void)c;                                                                                            \
+        double *acc = ra->acc[f - ra->f0];                                                                  \
+        float k = ra->k ? ra->k[f] : 0.0f;                                                                  \
+        (void)k;                                                                                            \
         body;                                                                                               \
     }
 
 struct run_acc {
     const kernel_ctx *c;
-    float k;
-    double acc[3];
+    const float *k;
+    idx_t f0;
+    double (*acc)[3];
 };
 
-RUN_FN(run_sum_x, ra->acc[0] += c->r->sum(c->x + offset, len))
-RUN_FN(run_sum_delta, ra->acc[0] += c->r->sum(c->delta + offset, len))
-RUN_FN(run_sq_dev, ra->acc[0] += c->r->sum_sq_dev(c->x + offset, len, ra->k))
-RUN_FN(run_dot, ra->acc[0] += c->r->dot(c->delta + offset, c->x + offset, len))
-RUN_FN(run_dot_dev, ra->acc[0] += c->r->dot_dev(c->delta + offset, c->x + offset, len, ra->k))
+RUN_FN(run_sum_x, acc[0] += c->r->sum(c->x + offset, len))
+RUN_FN(run_sum_delta, acc[0] += c->r->sum(c->delta + offset, len))
+RUN_FN(run_sq_dev, acc[0] += c->r->sum_sq_dev(c->x + offset, len, k))
+RUN_FN(run_dot, acc[0] += c->r->dot(c->delta + offset, c->x + offset, len))
+RUN_FN(run_dot_dev, acc[0] += c->r->dot_dev(c->delta + offset, c->x + offset, len, k))
 
 /* What a reduction sums when spatial == 1 (vectorized across channels):
  * sum of src, sum of (src - k)^2, or sum of delta * (x - k). */
@@ -87,12 +90,11 @@ static void reduce_tile(void *arg, idx_t f0, idx_t n)
     }
 }
 
-static void reduce_unit(void *arg, idx_t unit, double acc[3])
+static void reduce_unit(void *arg, idx_t unit, double (*acc)[3])
 {
     reduce_kernel *rk = arg;
-    struct run_acc ra = {&rk->c, rk->k ? rk->k[unit / rk->c.pt->parts] : 0.0f, {0, 0, 0}};
+    struct run_acc ra = {&rk->c, rk->k, dnbn_unit_first(rk->c.pt, unit), acc};
     dnbn_for_runs(rk->c.pt, unit, rk->run, &ra);
-    acc[0] = ra.acc[0];
 }
 
 static void reduce_finish(void *arg, idx_t f, const double acc[3])
@@ -212,8 +214,8 @@ typedef struct tile_params {
 
 typedef struct map_kernel {
     kernel_ctx c;
-    /* sets the per-channel parameters of unit's channel into *p */
-    void (*params)(const kernel_ctx *c, idx_t f, kernel_ctx *p);
+    /* sets channel f's parameters into entry j of *p */
+    void (*params)(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j);
     dnbn_run_fn run;
     /* the pass over n channels of one image at offset off, when spatial == 1 */
     void (*fc_run)(const kernel_ctx *c, idx_t off, idx_t n, const tile_params *p);
@@ -223,11 +225,7 @@ static void map_tile(void *arg, idx_t f0, idx_t n)
 {
     map_kernel *mk = arg;
     tile_params tp;
-    for (idx_t j = 0; j < n; j++) {
-        kernel_ctx p = mk->c;
-        mk->params(&mk->c, f0 + j, &p);
-        tp.a[j] = p.pa, tp.b[j] = p.pb, tp.c[j] = p.pc, tp.k[j] = p.pk;
-    }
+    for (idx_t j = 0; j < n; j++) mk->params(&mk->c, f0 + j, &tp, j);
     for (idx_t b = 0; b < mk->c.pt->batch; b++) mk->fc_run(&mk->c, b * mk->c.pt->filters + f0, n, &tp);
 }
 
@@ -253,12 +251,22 @@ static void fc_normalize_delta(const kernel_ctx *c, idx_t off, idx_t n, const ti
     c->r->v_normalize_delta(c->delta + off, c->x + off, n, p->a, p->k, p->b, p->c);
 }
 
+/* What a run function of an elementwise pass sees: the kernel, and the
+ * parameters of the unit's channels (entry f - f0). */
+struct map_run {
+    const kernel_ctx *c;
+    const tile_params *p;
+    idx_t f0;
+};
+
 static void map_unit(void *arg, idx_t unit)
 {
     map_kernel *mk = arg;
-    kernel_ctx p = mk->c;
-    mk->params(&mk->c, unit / mk->c.pt->parts, &p);
-    dnbn_for_runs(mk->c.pt, unit, mk->run, &p);
+    tile_params tp;
+    idx_t f0 = dnbn_unit_first(mk->c.pt, unit), n = dnbn_unit_channels(mk->c.pt, unit);
+    for (idx_t j = 0; j < n; j++) mk->params(&mk->c, f0 + j, &tp, j);
+    struct map_run mr = {&mk->c, &tp, f0};
+    dnbn_for_runs(mk->c.pt, unit, mk->run, &mr);
 }
 
 static void run_map(map_kernel *mk, int batch, int filters, int spatial)
@@ -275,45 +283,37 @@ static void run_map(map_kernel *mk, int batch, int filters, int spatial)
     dnbn_map_units(&pt, map_unit, mk);
 }
 
-static void run_normalize(void *arg, idx_t offset, idx_t len)
+#define MAP_RUN_FN(name, body)                                                                              \
+    static void name(void *arg, idx_t f, idx_t offset, idx_t len)                                           \
+    {                                                                                                       \
+        const struct map_run *mr = arg;                                                                     \
+        const kernel_ctx *c = mr->c;                                                                        \
+        idx_t j = f - mr->f0;                                                                               \
+        const tile_params *p = mr->p;                                                                       \
+        body;                                                                                               \
+    }
+
+MAP_RUN_FN(run_normalize, c->r->normalize(c->x + offset, len, p->k[j], p->a[j]))
+MAP_RUN_FN(run_scale, c->r->scale(c->x + offset, len, p->a[j]))
+MAP_RUN_FN(run_shift, c->r->shift(c->x + offset, len, p->a[j]))
+MAP_RUN_FN(run_normalize_delta,
+           c->r->normalize_delta(c->delta + offset, c->x + offset, len, p->a[j], p->k[j], p->b[j], p->c[j]))
+
+static void par_normalize(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j)
 {
-    const kernel_ctx *p = arg;
-    p->r->normalize(p->x + offset, len, p->pk, p->pa);
+    p->k[j] = c->mean[f];
+    p->a[j] = (float)(1.0 / (sqrt((double)c->variance[f]) + DARKNET_EPS_FORWARD));
 }
 
-static void run_scale(void *arg, idx_t offset, idx_t len)
-{
-    const kernel_ctx *p = arg;
-    p->r->scale(p->x + offset, len, p->pa);
-}
+static void par_scale(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j) { p->a[j] = c->scales[f]; }
 
-static void run_shift(void *arg, idx_t offset, idx_t len)
-{
-    const kernel_ctx *p = arg;
-    p->r->shift(p->x + offset, len, p->pa);
-}
-
-static void run_normalize_delta(void *arg, idx_t offset, idx_t len)
-{
-    const kernel_ctx *p = arg;
-    p->r->normalize_delta(p->delta + offset, p->x + offset, len, p->pa, p->pk, p->pb, p->pc);
-}
-
-static void par_normalize(const kernel_ctx *c, idx_t f, kernel_ctx *p)
-{
-    p->pk = c->mean[f];
-    p->pa = (float)(1.0 / (sqrt((double)c->variance[f]) + DARKNET_EPS_FORWARD));
-}
-
-static void par_scale(const kernel_ctx *c, idx_t f, kernel_ctx *p) { p->pa = c->scales[f]; }
-
-static void par_normalize_delta(const kernel_ctx *c, idx_t f, kernel_ctx *p)
+static void par_normalize_delta(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j)
 {
     double m = (double)c->pt->m;
-    p->pk = c->mean[f];
-    p->pa = (float)(1.0 / sqrt((double)c->variance[f] + DARKNET_EPS_BACKWARD));
-    p->pb = (float)((double)c->variance_delta[f] * 2.0 / m);
-    p->pc = (float)((double)c->mean_delta[f] / m);
+    p->k[j] = c->mean[f];
+    p->a[j] = (float)(1.0 / sqrt((double)c->variance[f] + DARKNET_EPS_BACKWARD));
+    p->b[j] = (float)((double)c->variance_delta[f] * 2.0 / m);
+    p->c[j] = (float)((double)c->mean_delta[f] / m);
 }
 
 void normalize_cpu(float *x, float *mean, float *variance, int batch, int filters, int spatial)

@@ -10,6 +10,10 @@
  * moments: bounds the cancellation in sum (x-k)^2 - (sum (x-k))^2 / n. */
 #define MOMENT_BLOCK 2048
 
+/* Input bytes of a channel group: small enough that a second pass over the
+ * group (input, or delta and x_norm) finds it in a core's L2. */
+#define GROUP_BYTES ((idx_t)192 << 10)
+
 dnbn_part dnbn_partition(int batch, int filters, int spatial)
 {
     dnbn_part pt = {0};
@@ -20,28 +24,45 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial)
     pt.m = (idx_t)batch * spatial;
     pt.threads = dnbn_threads_for(pt.m * filters);
     pt.parts = 1;
+    pt.group = 1;
     if (filters < pt.threads) {
         idx_t parts = (pt.threads + filters - 1) / filters;
         pt.parts = (int)(parts < pt.m ? parts : pt.m);
+        return pt;
     }
+    idx_t group = GROUP_BYTES / (pt.m * (idx_t)sizeof(float));
+    idx_t balanced = filters / (2 * (idx_t)pt.threads); /* at least two units per thread */
+    if (group > balanced) group = balanced;
+    if (group > DNBN_MAX_GROUP) group = DNBN_MAX_GROUP;
+    pt.group = group < 1 ? 1 : (int)group;
     return pt;
 }
 
-idx_t dnbn_unit_count(const dnbn_part *pt, idx_t unit)
+idx_t dnbn_units(const dnbn_part *pt) { return (pt->filters + pt->group - 1) / pt->group * pt->parts; }
+
+idx_t dnbn_unit_first(const dnbn_part *pt, idx_t unit) { return unit / pt->parts * pt->group; }
+
+idx_t dnbn_unit_channels(const dnbn_part *pt, idx_t unit)
 {
-    idx_t p = unit % pt->parts;
-    return pt->m * (p + 1) / pt->parts - pt->m * p / pt->parts;
+    idx_t n = pt->filters - dnbn_unit_first(pt, unit);
+    return n < pt->group ? n : pt->group;
 }
 
 void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx)
 {
-    idx_t f = unit / pt->parts, p = unit % pt->parts;
+    idx_t f0 = dnbn_unit_first(pt, unit), nf = dnbn_unit_channels(pt, unit);
+    if (pt->parts == 1) {
+        for (idx_t b = 0; b < pt->batch; b++)
+            for (idx_t f = f0; f < f0 + nf; f++) fn(ctx, f, (b * pt->filters + f) * pt->spatial, pt->spatial);
+        return;
+    }
+    idx_t p = unit % pt->parts;
     idx_t j = pt->m * p / pt->parts, end = pt->m * (p + 1) / pt->parts;
     while (j < end) {
         idx_t b = j / pt->spatial, i = j - b * pt->spatial;
         idx_t len = pt->spatial - i;
         if (len > end - j) len = end - j;
-        fn(ctx, (b * pt->filters + f) * pt->spatial + i, len);
+        fn(ctx, f0, (b * pt->filters + f0) * pt->spatial + i, len);
         j += len;
     }
 }
@@ -58,27 +79,28 @@ static void reduce_range(void *arg, idx_t lo, idx_t hi)
 {
     reduce_job *job = arg;
     for (idx_t u = lo; u < hi; u++) {
-        double acc[3] = {0, 0, 0};
+        double acc[DNBN_MAX_GROUP][3] = {{0}};
+        idx_t f0 = dnbn_unit_first(job->pt, u), nf = dnbn_unit_channels(job->pt, u);
         job->r->unit(job->r->ctx, u, acc);
         if (job->partial) {
-            for (int k = 0; k < 3; k++) job->partial[u][k] = acc[k];
+            for (int k = 0; k < 3; k++) job->partial[u][k] = acc[0][k];
         } else {
-            job->r->finish(job->r->ctx, u, acc);
+            for (idx_t j = 0; j < nf; j++) job->r->finish(job->r->ctx, f0 + j, acc[j]);
         }
     }
 }
 
 void dnbn_reduce_channels(const dnbn_part *pt, const dnbn_reduce *r)
 {
-    idx_t units = pt->filters * pt->parts;
+    idx_t units = dnbn_units(pt);
     if (units <= 0) return;
     if (pt->parts == 1) {
         reduce_job job = {pt, r, NULL};
         dnbn_parallel_for(units, pt->threads, reduce_range, &job);
         return;
     }
-    /* parts > 1 only when filters < threads <= DNBN_MAX_THREADS, so
-     * units < 2 * DNBN_MAX_THREADS. */
+    /* parts > 1 only when filters < threads <= DNBN_MAX_THREADS and group == 1,
+     * so units < 2 * DNBN_MAX_THREADS. */
     double partial[2 * DNBN_MAX_THREADS][3];
     reduce_job job = {pt, r, partial};
     dnbn_parallel_for(units, pt->threads, reduce_range, &job);
@@ -110,7 +132,7 @@ static void map_range(void *arg, idx_t lo, idx_t hi)
 void dnbn_map_units(const dnbn_part *pt, void (*unit)(void *ctx, idx_t unit), void *ctx)
 {
     map_job job = {unit, ctx};
-    dnbn_parallel_for(pt->filters * pt->parts, pt->threads, map_range, &job);
+    dnbn_parallel_for(dnbn_units(pt), pt->threads, map_range, &job);
 }
 
 /* ---- moments ---- */
@@ -131,27 +153,29 @@ void dnbn_moments_merge(double a[3], const double b[3])
 typedef struct moments_ctx {
     const dnbn_rows *r;
     const float *x;
-    double *acc;
+    idx_t f0;
+    double (*acc)[3];
 } moments_ctx;
 
-static void moments_run(void *arg, idx_t offset, idx_t len)
+static void moments_run(void *arg, idx_t f, idx_t offset, idx_t len)
 {
     moments_ctx *c = arg;
     const float *x = c->x + offset;
+    double *acc = c->acc[f - c->f0];
     for (idx_t i = 0; i < len; i += MOMENT_BLOCK) {
         idx_t n = len - i < MOMENT_BLOCK ? len - i : MOMENT_BLOCK;
         double k = x[i], s1, s2;
         c->r->shifted_sums(x + i, n, k, &s1, &s2);
         double m2 = s2 - s1 * (s1 / (double)n);
         double block[3] = {(double)n, k + s1 / (double)n, m2 < 0 ? 0 : m2};
-        dnbn_moments_merge(c->acc, block);
+        dnbn_moments_merge(acc, block);
     }
 }
 
-void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double acc[3])
+void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double (*acc)[3])
 {
-    acc[0] = acc[1] = acc[2] = 0;
-    moments_ctx c = {r, x, acc};
+    for (idx_t j = 0; j < dnbn_unit_channels(pt, unit); j++) acc[j][0] = acc[j][1] = acc[j][2] = 0;
+    moments_ctx c = {r, x, dnbn_unit_first(pt, unit), acc};
     dnbn_for_runs(pt, unit, moments_run, &c);
 }
 
@@ -224,7 +248,7 @@ typedef struct public_moments_ctx {
     double *mean, *m2;
 } public_moments_ctx;
 
-static void public_moments_unit(void *arg, idx_t unit, double acc[3])
+static void public_moments_unit(void *arg, idx_t unit, double (*acc)[3])
 {
     public_moments_ctx *c = arg;
     dnbn_unit_moments(c->r, c->pt, c->x, unit, acc);

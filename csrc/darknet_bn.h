@@ -152,6 +152,7 @@ typedef struct batchnorm_layer {
     float momentum;         /* weight of the batch statistic in the running ones */
     int state;              /* internal: what the last forward was (see batchnorm_layer_state) */
     double *scratch;        /* internal: per-channel double work space */
+    void *memory;           /* internal: the one allocation every buffer above is carved from */
 } batchnorm_layer;
 
 /* What forward and backward read from the network, as Darknet's `network`

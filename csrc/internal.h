@@ -77,26 +77,35 @@ extern const dnbn_rows dnbn_rows_avx2;
 const dnbn_rows *dnbn_rows_active(void);
 
 /* ---- partition -----------------------------------------------------------
- * A tensor's channels are cut into `parts` equal pieces of their m values
- * (parts == 1 when there are at least as many channels as threads). Work unit
- * u is piece u % parts of channel u / parts; all threads agree on it, so a
- * later pass over the same unit touches the same memory on the same core. */
+ * A tensor's channels are cut into work units. Normally a unit is a group of
+ * `group` consecutive channels, visited image by image: for each b the group's
+ * rows lie side by side in memory, so a unit reads long contiguous stretches
+ * (hardware prefetchers follow them) and a group's values fit in L2, where
+ * a second pass over the unit finds them. When there are fewer channels than
+ * threads, group == 1 and each channel is cut into `parts` equal pieces of
+ * its m values. Unit u is piece u % parts of channel group u / parts; all
+ * threads agree on it, so a later pass over a unit touches the same memory on
+ * the same core. */
+#define DNBN_MAX_GROUP 64
+
 typedef struct dnbn_part {
     idx_t batch, filters, spatial, m;
-    int parts;
+    int parts;   /* pieces per channel (> 1 only when group == 1) */
+    int group;   /* channels per unit */
     int threads;
 } dnbn_part;
 
 dnbn_part dnbn_partition(int batch, int filters, int spatial);
 
-/* Calls fn(ctx, p, len) for every contiguous run [p, p+len) of unit u's values
- * in the tensor `base` (NCHW, as described by `pt`). Returns the offset of the
- * first run, so a caller can address parallel tensors at the same offsets. */
-typedef void (*dnbn_run_fn)(void *ctx, idx_t offset, idx_t len);
-void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx);
+/* Number of units, first channel of a unit, and its number of channels. */
+idx_t dnbn_units(const dnbn_part *pt);
+idx_t dnbn_unit_first(const dnbn_part *pt, idx_t unit);
+idx_t dnbn_unit_channels(const dnbn_part *pt, idx_t unit);
 
-/* Number of values in unit u. */
-idx_t dnbn_unit_count(const dnbn_part *pt, idx_t unit);
+/* Calls fn(ctx, f, offset, len) for every contiguous run [offset, offset+len)
+ * of channel f's values in unit u, in memory order. */
+typedef void (*dnbn_run_fn)(void *ctx, idx_t f, idx_t offset, idx_t len);
+void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx);
 
 /* ---- threads -------------------------------------------------------------
  * Runs fn(ctx, lo, hi) over [0, n) cut into at most `threads` contiguous
@@ -112,13 +121,14 @@ int dnbn_threads_for(idx_t work);
 
 /* ---- channel drivers ------------------------------------------------------
  * dnbn_reduce_channels computes a per-channel reduction of up to three doubles:
- * unit(ctx, u, acc) fills the partial of unit u, merge(a, b) folds b into a
- * (NULL: elementwise addition) in unit order, and finish(ctx, f, acc) receives
- * channel f's total. With one unit per channel, finish runs on the worker that
- * computed it; otherwise partials are merged on the calling thread.
+ * unit(ctx, u, acc) fills acc[k] with the partial of channel first+k of unit
+ * u, merge(a, b) folds b into a (NULL: elementwise addition) in unit order,
+ * and finish(ctx, f, acc) receives channel f's total. With whole channels per
+ * unit, finish runs on the worker that computed it; otherwise partials are
+ * merged on the calling thread.
  * dnbn_map_units runs unit(ctx, u) for every unit in parallel. */
 typedef struct dnbn_reduce {
-    void (*unit)(void *ctx, idx_t unit, double acc[3]);
+    void (*unit)(void *ctx, idx_t unit, double (*acc)[3]);
     void (*merge)(double a[3], const double b[3]);
     void (*finish)(void *ctx, idx_t f, const double acc[3]);
     void *ctx;
@@ -153,7 +163,7 @@ void dnbn_tile_moments(const dnbn_rows *r, const float *x, idx_t batch, idx_t fi
 /* Merges b into a (Chan, Golub & LeVeque); the merge of dnbn_reduce. */
 void dnbn_moments_merge(double a[3], const double b[3]);
 
-/* Moments of unit u of x into acc. */
-void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double acc[3]);
+/* Moments of unit u's channels of x into acc[0 .. channels-1]. */
+void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double (*acc)[3]);
 
 #endif /* DARKNET_BN_INTERNAL_H */
