@@ -9,8 +9,11 @@
  * channel run back to back on one core, so the second pass reads the channel
  * from cache; otherwise a channel's parts are reduced first and then mapped.
  *
- * Darknet numerics need x - mean in backward; it is x_norm * (sqrt(var) + 1e-6)
- * by the forward's definition, so backward reads x_norm and delta only.
+ * Backward reads delta and x (not x_norm): it evaluates x - mean and the input
+ * delta in double, so the cancellation between its three terms costs nothing
+ * even when 1/sqrt(var) is large. x_norm is therefore only for the caller:
+ * forward writes it when l->keep_x_norm is set (the default, as Darknet), and
+ * batchnorm_layer_fill_x_norm computes it later, bit for bit the same.
  */
 #include <errno.h>
 #include <limits.h>
@@ -22,7 +25,8 @@
 
 enum { STATE_NONE = 0, STATE_INFERENCE = 1, STATE_TRAINING = 2 };
 
-/* Per-channel doubles kept from forward for backward (layer->scratch). */
+/* Per-channel doubles kept from forward for backward (layer->scratch): the
+ * batch mean and normalizer, then the coefficients of the input delta. */
 enum { SC_MEAN, SC_INV, SC_A, SC_B, SC_C, SC_WIDTH };
 
 static void reset_running(batchnorm_layer *l)
@@ -54,6 +58,7 @@ batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
     l->numerics = DNBN_NUMERICS_DARKNET;
     l->eps = 0.00001f;
     l->momentum = 0.01f;
+    l->keep_x_norm = 1;
     l->state = STATE_NONE;
 
     /* One zeroed allocation (calloc: pages are committed only when touched),
@@ -103,6 +108,7 @@ int batchnorm_layer_set_numerics(batchnorm_layer *l, int numerics, float eps, fl
     l->eps = numerics == DNBN_NUMERICS_STANDARD ? eps : 0.00001f;
     l->momentum = momentum;
     l->state = STATE_NONE;
+    l->trained = 0;
     reset_running(l);
     return DNBN_OK;
 }
@@ -149,7 +155,7 @@ static void train_run(void *arg, idx_t f, idx_t off, idx_t len)
     batchnorm_layer *l = p->l;
     const double *sc = l->scratch + f * SC_WIDTH;
     float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh);
-    p->r->forward_train(p->in + off, l->x + off, l->x_norm + off, l->output + off, len, mh, ml,
+    p->r->forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, len, mh, ml,
                         (float)sc[SC_INV], l->scales[f], l->biases[f]);
 }
 
@@ -195,20 +201,15 @@ static void infer_unit(void *arg, idx_t unit)
 
 /* ---- spatial == 1: tiles of channels, vectorized across channels ---- */
 
-/* Parameters of the elementwise pass of a tile, from the channels' scratch rows. */
-static void tile_params(const batchnorm_layer *l, idx_t f0, idx_t n, int first, float *p0, float *p1, float *p2)
+/* The forward pass's parameters of a tile: the mean as a sum of two floats,
+ * and the normalizer, from the channels' scratch rows. */
+static void tile_params(const batchnorm_layer *l, idx_t f0, idx_t n, float *mh, float *ml, float *inv)
 {
     for (idx_t j = 0; j < n; j++) {
         const double *sc = l->scratch + (f0 + j) * SC_WIDTH;
-        if (first == SC_MEAN) {
-            p0[j] = (float)sc[SC_MEAN];
-            p1[j] = (float)(sc[SC_MEAN] - p0[j]);
-            p2[j] = (float)sc[SC_INV];
-        } else {
-            p0[j] = (float)sc[SC_A];
-            p1[j] = (float)sc[SC_B];
-            p2[j] = (float)sc[SC_C];
-        }
+        mh[j] = (float)sc[SC_MEAN];
+        ml[j] = (float)(sc[SC_MEAN] - mh[j]);
+        inv[j] = (float)sc[SC_INV];
     }
 }
 
@@ -224,10 +225,10 @@ static void train_tile(void *arg, idx_t f0, idx_t n)
         double acc[3] = {(double)l->batch, mean[j], m2[j]};
         finish_stats(p, f0 + j, acc);
     }
-    tile_params(l, f0, n, SC_MEAN, mh, ml, inv);
+    tile_params(l, f0, n, mh, ml, inv);
     for (idx_t b = 0; b < l->batch; b++) {
         idx_t off = b * filters + f0;
-        p->r->v_forward_train(p->in + off, l->x + off, l->x_norm + off, l->output + off, n, mh, ml, inv,
+        p->r->v_forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, n, mh, ml, inv,
                               l->scales + f0, l->biases + f0);
     }
 }
@@ -260,6 +261,7 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
         l->state = net.train ? STATE_TRAINING : STATE_INFERENCE;
+        l->trained |= net.train != 0;
         return DNBN_OK;
     }
     if (!net.train) {
@@ -275,6 +277,37 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
         dnbn_map_units(&pt, train_map_unit, &p);
     }
     l->state = STATE_TRAINING;
+    l->trained = 1;
+    return DNBN_OK;
+}
+
+/* ---- x_norm on request ---- */
+
+static void fill_run(void *arg, idx_t f, idx_t off, idx_t len)
+{
+    pass *p = arg;
+    batchnorm_layer *l = p->l;
+    const double *sc = l->scratch + f * SC_WIDTH;
+    float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh), inv = (float)sc[SC_INV];
+    /* the forward's own arithmetic on x (= its input), x_norm only */
+    p->r->forward_train(l->x + off, NULL, l->x_norm + off, NULL, len, mh, ml, inv, 0.0f, 0.0f);
+}
+
+static void fill_unit(void *arg, idx_t unit)
+{
+    pass *p = arg;
+    dnbn_for_runs(p->pt, unit, fill_run, p);
+}
+
+int batchnorm_layer_fill_x_norm(batchnorm_layer *l)
+{
+    if (!l) return DNBN_ERR_ARG;
+    if (!l->trained) return DNBN_ERR_STATE;
+    /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
+     * treat the tensor as (batch, filters, 1) through the generic partition. */
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    pass p = {l, dnbn_rows_active(), &pt, NULL};
+    dnbn_map_units(&pt, fill_unit, &p);
     return DNBN_OK;
 }
 
@@ -290,7 +323,8 @@ static void sums_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     struct sums_ctx *c = arg;
     double *acc = c->acc[f - c->f0];
-    c->p->r->sum_dot(c->p->in + off, c->p->l->x_norm + off, len, &acc[0], &acc[1]);
+    c->p->r->sums_dev(c->p->in + off, c->p->l->x + off, len, c->p->l->scratch[f * SC_WIDTH + SC_MEAN], &acc[0],
+                      &acc[1]);
 }
 
 static void sums_unit(void *arg, idx_t unit, double (*acc)[3])
@@ -301,34 +335,35 @@ static void sums_unit(void *arg, idx_t unit, double (*acc)[3])
     dnbn_for_runs(p->pt, unit, sums_run, &c);
 }
 
-/* Channel f's parameter gradients and the coefficients of dx = dy*A + x_norm*B + C. */
+/* Channel f's parameter gradients and the coefficients of
+ * dx = dy*A + (x - mean)*B + C, from sum dy and sum dy*(x - mean). */
 static void finish_sums(void *arg, idx_t f, const double acc[3])
 {
     pass *p = arg;
     batchnorm_layer *l = p->l;
-    double sum_dy = acc[0], sum_dy_xn = acc[1], m = (double)p->pt->m;
-    double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH;
+    double sum_dy = acc[0], sum_dy_dev = acc[1], m = (double)p->pt->m;
+    double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH, inv = sc[SC_INV];
     l->bias_updates[f] = (float)((double)l->bias_updates[f] + sum_dy);
-    l->scale_updates[f] = (float)((double)l->scale_updates[f] + sum_dy_xn);
+    l->scale_updates[f] = (float)((double)l->scale_updates[f] + inv * sum_dy_dev); /* sum dy*x_norm */
     if (l->numerics == DNBN_NUMERICS_DARKNET) {
         /* Darknet's mean_delta_cpu, variance_delta_cpu and normalize_delta_cpu on
-         * delta*gamma, with x - mean = x_norm / inv and epsilon inside the root. */
-        double var = l->variance[f], r = 1.0 / sqrt(var + DARKNET_EPS_BACKWARD);
+         * delta*gamma; Darknet quirk: epsilon inside the root here. */
+        double r = 1.0 / sqrt((double)l->variance[f] + DARKNET_EPS_BACKWARD);
         double md = gamma * sum_dy * -r;
-        double vd = gamma * (sum_dy_xn / sc[SC_INV]) * -0.5 * r * r * r;
+        double vd = gamma * sum_dy_dev * -0.5 * r * r * r;
         l->mean_delta[f] = (float)md;
         l->variance_delta[f] = (float)vd;
         sc[SC_A] = gamma * r;
-        sc[SC_B] = vd * 2.0 / sc[SC_INV] / m;
+        sc[SC_B] = vd * 2.0 / m;
         sc[SC_C] = md / m;
     } else {
         /* exact gradient: dx = gamma*inv*(dy - mean(dy) - x_hat*mean(dy*x_hat)) */
-        double inv = sc[SC_INV];
-        l->mean_delta[f] = (float)(-gamma * inv * sum_dy);
-        l->variance_delta[f] = (float)(-0.5 * gamma * inv * inv * sum_dy_xn);
-        sc[SC_A] = gamma * inv;
-        sc[SC_B] = -gamma * inv * sum_dy_xn / m;
-        sc[SC_C] = -gamma * inv * sum_dy / m;
+        double a = gamma * inv;
+        l->mean_delta[f] = (float)(-a * sum_dy);
+        l->variance_delta[f] = (float)(-0.5 * a * inv * inv * sum_dy_dev);
+        sc[SC_A] = a;
+        sc[SC_B] = -a * inv * inv * sum_dy_dev / m;
+        sc[SC_C] = -a * sum_dy / m;
     }
 }
 
@@ -336,8 +371,8 @@ static void apply_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     pass *p = arg;
     const double *sc = p->l->scratch + f * SC_WIDTH;
-    p->r->backward_apply(p->l->delta + off, p->in + off, p->l->x_norm + off, len, (float)sc[SC_A],
-                         (float)sc[SC_B], (float)sc[SC_C]);
+    p->r->backward_apply(p->l->delta + off, p->in + off, p->l->x + off, len, sc[SC_A], sc[SC_MEAN], sc[SC_B],
+                         sc[SC_C]);
 }
 
 static void apply_unit(void *arg, idx_t unit)
@@ -362,19 +397,21 @@ static void backward_tile(void *arg, idx_t f0, idx_t n)
     batchnorm_layer *l = p->l;
     idx_t filters = l->out_c;
     double s[DNBN_TILE] = {0}, sd[DNBN_TILE] = {0};
-    float zero[DNBN_TILE] = {0}, a[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE];
+    double a[DNBN_TILE], k[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE];
+    for (idx_t j = 0; j < n; j++) k[j] = l->scratch[(f0 + j) * SC_WIDTH + SC_MEAN];
     for (idx_t i = 0; i < l->batch; i++) {
         idx_t off = i * filters + f0;
-        p->r->v_sum_dot_dev(p->in + off, l->x_norm + off, zero, n, s, sd);
+        p->r->v_sums_dev(p->in + off, l->x + off, k, n, s, sd);
     }
     for (idx_t j = 0; j < n; j++) {
         double acc[3] = {s[j], sd[j], 0};
         finish_sums(p, f0 + j, acc);
+        const double *sc = l->scratch + (f0 + j) * SC_WIDTH;
+        a[j] = sc[SC_A], b[j] = sc[SC_B], c[j] = sc[SC_C];
     }
-    tile_params(l, f0, n, SC_A, a, b, c);
     for (idx_t i = 0; i < l->batch; i++) {
         idx_t off = i * filters + f0;
-        p->r->v_backward_apply(l->delta + off, p->in + off, l->x_norm + off, n, a, b, c);
+        p->r->v_backward_apply(l->delta + off, p->in + off, l->x + off, n, a, k, b, c);
     }
 }
 

@@ -150,7 +150,10 @@ typedef struct batchnorm_layer {
     int numerics;           /* DNBN_NUMERICS_DARKNET or DNBN_NUMERICS_STANDARD */
     float eps;              /* standard numerics: the epsilon inside the root */
     float momentum;         /* weight of the batch statistic in the running ones */
+    int keep_x_norm;        /* nonzero (default): training forward writes x_norm, as Darknet does;
+                               zero: it does not (one stream less), see batchnorm_layer_fill_x_norm */
     int state;              /* internal: what the last forward was (see batchnorm_layer_state) */
+    int trained;            /* internal: a training forward has run since make or set_numerics */
     double *scratch;        /* internal: per-channel double work space */
     void *memory;           /* internal: the one allocation every buffer above is carved from */
 } batchnorm_layer;
@@ -200,6 +203,11 @@ int update_batchnorm_layer(batchnorm_layer *l, float learning_rate, float moment
 
 /* 0: no forward yet; 1: the last forward was inference; 2: training. */
 int batchnorm_layer_state(const batchnorm_layer *l);
+
+/* Writes x_norm of the last training forward from x, bit for bit what that
+ * forward writes with keep_x_norm set. DNBN_ERR_STATE before any training
+ * forward. */
+int batchnorm_layer_fill_x_norm(batchnorm_layer *l);
 
 /* ===== 4. Statistics phase ================================================
  * Per-channel moments of a batch: count n = m, mean, and m2 = sum (x - mean)^2

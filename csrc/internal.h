@@ -39,12 +39,13 @@ typedef struct dnbn_rows {
     double (*sum_sq_dev)(const float *x, idx_t n, float c);                /* sum (x-c)^2 */
     double (*dot)(const float *a, const float *b, idx_t n);                /* sum a*b */
     double (*dot_dev)(const float *d, const float *x, idx_t n, float c);   /* sum d*(x-c) */
-    void (*sum_dot)(const float *d, const float *xn, idx_t n, double *s, double *sdx); /* s+=sum d, sdx+=sum d*xn */
+    void (*sums_dev)(const float *d, const float *x, idx_t n, double k, double *s,
+                     double *sd); /* s += sum d, sd += sum d*(x-k) */
     void (*shifted_sums)(const float *x, idx_t n, double k, double *s1, double *s2);  /* s1=sum(x-k), s2=sum(x-k)^2 */
     void (*scale)(float *y, idx_t n, float s);                             /* y *= s */
     void (*shift)(float *y, idx_t n, float b);                             /* y += b */
     void (*normalize)(float *y, idx_t n, float mean, float inv);           /* y = (y-mean)*inv */
-    /* xn = ((in-mh)-ml)*inv; y = xn*gamma + beta; x = in (when x != NULL). */
+    /* xn = ((in-mh)-ml)*inv; y = xn*gamma + beta; x = in; each stored when not NULL. */
     void (*forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml, float inv,
                           float gamma, float beta);
     /* y = (((in-mh)-ml)*inv)*gamma + beta */
@@ -52,8 +53,9 @@ typedef struct dnbn_rows {
                           float beta);
     /* d = d*a + (x-mean)*b + c */
     void (*normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c);
-    /* out = dy*a + xn*b + c */
-    void (*backward_apply)(float *out, const float *dy, const float *xn, idx_t n, float a, float b, float c);
+    /* out = dy*a + (x-k)*b + c, evaluated in double */
+    void (*backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k, double b,
+                           double c);
 
     /* Channel-vector twins for spatial == 1: n consecutive channels of one
      * image, per-channel parameters in arrays, per-channel double sums. */
@@ -66,8 +68,9 @@ typedef struct dnbn_rows {
                             const float *g, const float *b);
     void (*v_normalize_delta)(float *d, const float *x, idx_t n, const float *a, const float *mean, const float *b,
                               const float *c);
-    void (*v_backward_apply)(float *out, const float *dy, const float *xn, idx_t n, const float *a, const float *b,
-                             const float *c);
+    void (*v_sums_dev)(const float *d, const float *x, const double *k, idx_t n, double *s, double *sd);
+    void (*v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a, const double *k,
+                             const double *b, const double *c);
 } dnbn_rows;
 
 extern const dnbn_rows dnbn_rows_generic;

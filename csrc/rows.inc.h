@@ -27,9 +27,13 @@ static inline void ROWS(st8)(float *p, rv8f v) { memcpy(p, &v, sizeof v); }
 
 static inline rv4d ROWS(ld4d)(const float *p)
 {
+#ifdef ROWS_AVX2
+    return (rv4d)_mm256_cvtps_pd(_mm_loadu_ps(p)); /* one vcvtps2pd: GCC splits the generic form */
+#else
     rv4f v;
     memcpy(&v, p, sizeof v);
     return __builtin_convertvector(v, rv4d);
+#endif
 }
 
 static inline double ROWS(hsum)(rv4d a, rv4d b, rv4d c, rv4d d)
@@ -105,21 +109,22 @@ static double ROWS(dot_dev)(const float *p, const float *x, idx_t n, float c0)
     return ROWS(hsum)(a, b, c, d) + t;
 }
 
-static void ROWS(sum_dot)(const float *p, const float *q, idx_t n, double *s, double *sd)
+static void ROWS(sums_dev)(const float *p, const float *x, idx_t n, double k0, double *s, double *sd)
 {
+    const rv4d k = {k0, k0, k0, k0};
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
     idx_t i = 0;
     for (; i + 8 <= n; i += 8) {
         rv4d p0 = ROWS(ld4d)(p + i), p1 = ROWS(ld4d)(p + i + 4);
         a += p0;
         b += p1;
-        c += p0 * ROWS(ld4d)(q + i);
-        d += p1 * ROWS(ld4d)(q + i + 4);
+        c += p0 * (ROWS(ld4d)(x + i) - k);
+        d += p1 * (ROWS(ld4d)(x + i + 4) - k);
     }
     double t = 0, u = 0;
     for (; i < n; i++) {
         t += p[i];
-        u += (double)p[i] * q[i];
+        u += (double)p[i] * ((double)x[i] - k0);
     }
     rv4d ab = a + b, cd = c + d;
     *s += ((ab[0] + ab[1]) + (ab[2] + ab[3])) + t;
@@ -186,15 +191,15 @@ static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, 
         rv8f v = ROWS(ld8)(in + i);
         rv8f t = ((v - vh) - vl) * vi;
         if (x) ROWS(st8)(x + i, v);
-        ROWS(st8)(xn + i, t);
-        ROWS(st8)(y + i, t * vg + vb);
+        if (xn) ROWS(st8)(xn + i, t);
+        if (y) ROWS(st8)(y + i, t * vg + vb);
     }
     for (; i < n; i++) {
         float v = in[i];
         float t = ((v - mh) - ml) * inv;
         if (x) x[i] = v;
-        xn[i] = t;
-        y[i] = t * gamma + beta;
+        if (xn) xn[i] = t;
+        if (y) y[i] = t * gamma + beta;
     }
 }
 
@@ -220,14 +225,19 @@ static void ROWS(normalize_delta)(float *d, const float *x, idx_t n, float a, fl
     for (; i < n; i++) d[i] = (d[i] * a + (x[i] - mean) * b) + c;
 }
 
-static void ROWS(backward_apply)(float *out, const float *dy, const float *xn, idx_t n, float a, float b, float c)
+static void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
+                                 double b, double c)
 {
-    const rv8f va = {a, a, a, a, a, a, a, a}, vb = {b, b, b, b, b, b, b, b};
-    const rv8f vc = {c, c, c, c, c, c, c, c};
+    const rv4d va = {a, a, a, a}, vk = {k, k, k, k}, vb = {b, b, b, b}, vc = {c, c, c, c};
     idx_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        ROWS(st8)(out + i, (ROWS(ld8)(dy + i) * va + ROWS(ld8)(xn + i) * vb) + vc);
-    for (; i < n; i++) out[i] = (dy[i] * a + xn[i] * b) + c;
+    for (; i + 8 <= n; i += 8) {
+        rv4d lo = (ROWS(ld4d)(dy + i) * va + (ROWS(ld4d)(x + i) - vk) * vb) + vc;
+        rv4d hi = (ROWS(ld4d)(dy + i + 4) * va + (ROWS(ld4d)(x + i + 4) - vk) * vb) + vc;
+        rv4f flo = __builtin_convertvector(lo, rv4f), fhi = __builtin_convertvector(hi, rv4f);
+        memcpy(out + i, &flo, sizeof flo);
+        memcpy(out + i + 4, &fhi, sizeof fhi);
+    }
+    for (; i < n; i++) out[i] = (float)((dy[i] * a + ((double)x[i] - k) * b) + c);
 }
 
 /* ---- channel-vector primitives: n consecutive channels of one image when
@@ -279,13 +289,13 @@ static void ROWS(v_forward_train)(const float *in, float *x, float *xn, float *y
         rv8f v = ROWS(ld8)(in + j);
         rv8f t = ((v - ROWS(ld8)(mh + j)) - ROWS(ld8)(ml + j)) * ROWS(ld8)(inv + j);
         if (x) ROWS(st8)(x + j, v);
-        ROWS(st8)(xn + j, t);
+        if (xn) ROWS(st8)(xn + j, t);
         ROWS(st8)(y + j, t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j));
     }
     for (; j < n; j++) {
         float v = in[j], t = ((v - mh[j]) - ml[j]) * inv[j];
         if (x) x[j] = v;
-        xn[j] = t;
+        if (xn) xn[j] = t;
         y[j] = t * g[j] + b[j];
     }
 }
@@ -312,20 +322,41 @@ static void ROWS(v_normalize_delta)(float *d, const float *x, idx_t n, const flo
     for (; j < n; j++) d[j] = (d[j] * a[j] + (x[j] - mean[j]) * b[j]) + c[j];
 }
 
-static void ROWS(v_backward_apply)(float *out, const float *dy, const float *xn, idx_t n, const float *a,
-                                   const float *b, const float *c)
+static void ROWS(v_sums_dev)(const float *d, const float *x, const double *k, idx_t n, double *s, double *sd)
 {
-    idx_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        ROWS(st8)(out + j, (ROWS(ld8)(dy + j) * ROWS(ld8)(a + j) + ROWS(ld8)(xn + j) * ROWS(ld8)(b + j)) +
-                               ROWS(ld8)(c + j));
-    for (; j < n; j++) out[j] = (dy[j] * a[j] + xn[j] * b[j]) + c[j];
+    for (idx_t j = 0; j < n; j++) {
+        s[j] += d[j];
+        sd[j] += (double)d[j] * ((double)x[j] - k[j]);
+    }
 }
 
-#define ROWS_TABLE(label)                                                                                   \
-    {                                                                                                       \
-        label, ROWS(sum), ROWS(sum_sq_dev), ROWS(dot), ROWS(dot_dev), ROWS(sum_dot), ROWS(shifted_sums),    \
-            ROWS(scale), ROWS(shift), ROWS(normalize), ROWS(forward_train), ROWS(forward_infer),            \
-            ROWS(normalize_delta), ROWS(backward_apply), ROWS(v_shifted_acc), ROWS(v_sum_dot_dev),          \
-            ROWS(v_forward_train), ROWS(v_forward_infer), ROWS(v_normalize_delta), ROWS(v_backward_apply)   \
+static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a,
+                                   const double *k, const double *b, const double *c)
+{
+    for (idx_t j = 0; j < n; j++) out[j] = (float)((dy[j] * a[j] + ((double)x[j] - k[j]) * b[j]) + c[j]);
+}
+
+#define ROWS_TABLE(label) \
+    { \
+        .name = label, \
+        .sum = ROWS(sum), \
+        .sum_sq_dev = ROWS(sum_sq_dev), \
+        .dot = ROWS(dot), \
+        .dot_dev = ROWS(dot_dev), \
+        .sums_dev = ROWS(sums_dev), \
+        .shifted_sums = ROWS(shifted_sums), \
+        .scale = ROWS(scale), \
+        .shift = ROWS(shift), \
+        .normalize = ROWS(normalize), \
+        .forward_train = ROWS(forward_train), \
+        .forward_infer = ROWS(forward_infer), \
+        .normalize_delta = ROWS(normalize_delta), \
+        .backward_apply = ROWS(backward_apply), \
+        .v_shifted_acc = ROWS(v_shifted_acc), \
+        .v_sum_dot_dev = ROWS(v_sum_dot_dev), \
+        .v_forward_train = ROWS(v_forward_train), \
+        .v_forward_infer = ROWS(v_forward_infer), \
+        .v_normalize_delta = ROWS(v_normalize_delta), \
+        .v_sums_dev = ROWS(v_sums_dev), \
+        .v_backward_apply = ROWS(v_backward_apply), \
     }

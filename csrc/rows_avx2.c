@@ -4,6 +4,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx2,fma")
+#include <immintrin.h>
+#define ROWS_AVX2 1
 #define ROWS(name) name##_avx2
 #include "rows.inc.h"
 
