@@ -14,6 +14,7 @@ import numpy as np
 from .errors import ArgumentError, ArgumentTypeError
 
 INT_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def size(value: Any, name: str) -> int:
@@ -32,12 +33,15 @@ def size(value: Any, name: str) -> int:
 
 
 def real(value: Any, name: str, low: Optional[float] = None, high: Optional[float] = None) -> float:
-    """Return ``value`` as a finite float, optionally within [low, high]."""
+    """Return ``value`` as a float that is finite in float32 (C takes it as a float), within [low, high]."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ArgumentError(f"{name} must be finite, got {x}")
+    try:
+        x = float(value)
+    except OverflowError:
+        raise ArgumentError(f"{name} must be finite in float32, got {value}") from None
+    if not math.isfinite(x) or abs(x) > FLOAT32_MAX:
+        raise ArgumentError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}), got {x}")
     if (low is not None and x < low) or (high is not None and x > high):
         raise ArgumentError(f"{name} must be in [{low}, {high}], got {x}")
     return x

@@ -6,6 +6,7 @@ written), then calls the C library, then checks its status.
 from __future__ import annotations
 
 import errno
+import weakref
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -42,10 +43,10 @@ class _CBuffer:
 
 def _buffer_property(name: str, doc: str) -> property:
     def get(self: "BatchNormLayer") -> np.ndarray:
-        return self._views[name]
+        return self._view_of(name)
 
     def set(self: "BatchNormLayer", value: Any) -> None:
-        view = self._views[name]
+        view = self._view_of(name)
         arr = np.asarray(value)
         if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise ArgumentTypeError(f"{name} must be an array of real numbers, got {type(value).__name__}")
@@ -106,8 +107,8 @@ class BatchNormLayer:
         eps = _validate.real(eps, "eps")
         if numerics == "darknet" and eps != _DARKNET_EPS:
             raise ArgumentError("eps applies to numerics='standard'; darknet numerics use Darknet's constants")
-        if not eps > 0:
-            raise ArgumentError(f"eps must be > 0, got {eps}")
+        if not np.float32(eps) > 0:
+            raise ArgumentError(f"eps must be > 0 in float32, got {eps}")
         momentum = _DEFAULT_MOMENTUM[numerics] if momentum is None else _validate.real(momentum, "momentum", 0, 1)
 
         raw = lib.make_batchnorm_layer(batch, w, h, c)
@@ -118,20 +119,49 @@ class BatchNormLayer:
         self._layer = ffi.gc(raw, lib.free_batchnorm_layer)
         check(lib.batchnorm_layer_set_numerics(self._layer, _NUMERICS[numerics], eps, momentum), "numerics")
 
-        self.batch, self.w, self.h, self.c = batch, w, h, c
-        self.outputs = c * h * w
-        self.numerics = numerics
-        self.eps = eps
-        self.momentum = momentum
+        self._numerics = numerics
         self._views = {}
         for name in _ACTIVATIONS:
             self._views[name] = self._view(name, (batch, c, h, w))
         for name in _CHANNELS:
             self._views[name] = self._view(name, (c,))
+        # x_norm is written only when somebody may look at it: forward skips it
+        # (one stream of memory less) unless an x_norm array handed out earlier
+        # is still alive; reading the attribute fills it from x first.
+        self._layer.keep_x_norm = 0
+        self._x_norm_stale = False
+        self._x_norm_refs: "list[weakref.ref[np.ndarray]]" = []
 
     def _view(self, name: str, shape: Tuple[int, ...]) -> np.ndarray:
         address = int(ffi.cast("uintptr_t", getattr(self._layer, name)))
         return np.asarray(_CBuffer(self._layer, address, shape))
+
+    def _view_of(self, name: str) -> np.ndarray:
+        if name != "x_norm":
+            return self._views[name]
+        if self._x_norm_stale:
+            check(lib.batchnorm_layer_fill_x_norm(self._layer), "x_norm")
+            self._x_norm_stale = False
+        view = self._views[name].view()
+        self._x_norm_refs = [r for r in self._x_norm_refs if r() is not None] + [weakref.ref(view)]
+        return view
+
+    def _x_norm_watched(self) -> bool:
+        """Whether an x_norm array handed out earlier is still alive."""
+        self._x_norm_refs = [r for r in self._x_norm_refs if r() is not None]
+        return bool(self._x_norm_refs)
+
+    # Sizes and settings live in the C layer and cannot be reassigned.
+    batch = property(lambda self: int(self._layer.batch), doc="Images per batch.")
+    w = property(lambda self: int(self._layer.out_w), doc="Width.")
+    h = property(lambda self: int(self._layer.out_h), doc="Height.")
+    c = property(lambda self: int(self._layer.out_c), doc="Channels.")
+    outputs = property(lambda self: int(self._layer.outputs), doc="c*h*w, values per image.")
+    numerics = property(lambda self: self._numerics, doc="'darknet' or 'standard'.")
+    eps = property(lambda self: float(self._layer.eps), doc="Epsilon of standard numerics (float32).")
+    momentum = property(
+        lambda self: float(self._layer.momentum), doc="Weight of the batch statistic in the running ones (float32)."
+    )
 
     def __repr__(self) -> str:
         return (
@@ -165,8 +195,12 @@ class BatchNormLayer:
                 f"got batch={self.batch}, h*w={self.h * self.w}"
             )
         net = ffi.new("batchnorm_network *", {"input": floats(arr), "delta": ffi.NULL, "train": int(train)})
+        keep = self._x_norm_watched()
+        self._layer.keep_x_norm = int(keep)
         check(lib.forward_batchnorm_layer(self._layer, net[0]), "forward")
-        return self.output.reshape(arr.shape)
+        if train:
+            self._x_norm_stale = not keep
+        return self._views["output"].reshape(arr.shape)
 
     def backward(self, delta: np.ndarray) -> np.ndarray:
         """Back-propagate ``delta`` through the last training forward; return the input's delta.
@@ -185,7 +219,7 @@ class BatchNormLayer:
             raise LayerStateError("backward needs a training forward(input, train=True) first")
         arr = _validate.readable(delta, "delta", self.batch * self.outputs, self._shapes)
         check(lib.backward_batchnorm_layer_from(self._layer, floats(arr)), "backward")
-        return self.delta.reshape(arr.shape)
+        return self._views["delta"].reshape(arr.shape)
 
     def update(self, learning_rate: float, momentum: float = 0.9, decay: float = 0.0) -> None:
         """Darknet's SGD step: biases += (learning_rate/batch)*bias_updates; bias_updates *= momentum.
