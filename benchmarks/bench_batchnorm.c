@@ -6,6 +6,8 @@
  *   build/bench_batchnorm [--shape BxCxHxW]... [--threads N]... [--reps N]
  *                         [--min-time SECONDS] [--no-kernels] [--json FILE]
  *
+ * The layer runs as the Python package runs it, x_norm written only on request
+ * (keep_x_norm = 0); "...keeping x_norm" is the step with Darknet's default.
  * Every figure is the median of --reps repetitions. "roof" is the least time
  * the pass could take at the measured copy bandwidth: training step = read the
  * input, write the output and one tensor kept for backward, then read delta
@@ -136,6 +138,14 @@ static void fast_step(bufs *b)
     backward_batchnorm_layer_from(b->fast, b->delta0); /* reads the next layer's delta where it is */
 }
 
+/* The same step with x_norm written by forward, as Darknet's C callers get by default. */
+static void fast_step_keep(bufs *b)
+{
+    b->fast->keep_x_norm = 1;
+    fast_step(b);
+    b->fast->keep_x_norm = 0;
+}
+
 static void fast_forward_train(bufs *b)
 {
     batchnorm_network net = {b->input, NULL, 1};
@@ -183,6 +193,7 @@ typedef struct bench_case {
 
 static const bench_case cases[] = {
     {"layer train step", fast_step, ref_step, 6, 0},
+    {"  ...keeping x_norm", fast_step_keep, ref_step, 6, 0},
     {"layer forward (train)", fast_forward_train, ref_forward_train, 3, 0},
     {"layer backward", fast_backward, ref_backward, 3, 0},
     {"layer forward (infer)", fast_infer, ref_infer, 2, 0},
@@ -287,6 +298,7 @@ static bufs make_bufs(shape s)
         fprintf(stderr, "cannot allocate layers for %dx%dx%dx%d\n", s.b, s.c, s.h, s.w);
         exit(1);
     }
+    b.fast->keep_x_norm = 0; /* as the Python layer runs it: x_norm only on request */
     fast_step(&b);
     ref_step(&b);
     return b;

@@ -122,7 +122,18 @@ typedef struct pass {
     const dnbn_rows *r;
     const dnbn_part *pt;
     const float *in; /* forward: the input; backward: dy */
+    int stream;      /* write activations with non-temporal stores */
 } pass;
+
+/* Whether a pass over l streams its output past the caches: when the layer's
+ * tensors are too large to stay in them between passes anyway, and rows are
+ * whole 64-byte lines (a line written partly by streaming and partly by
+ * ordinary stores is slow on both). */
+static int streams(const batchnorm_layer *l)
+{
+    return (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) >= DNBN_STREAM_BYTES &&
+           (l->out_h * l->out_w) % 16 == 0;
+}
 
 /* Channel f's statistics from its moments: mean, variance, running stats, and
  * the normalizer kept for the elementwise pass and for backward. */
@@ -155,8 +166,8 @@ static void train_run(void *arg, idx_t f, idx_t off, idx_t len)
     batchnorm_layer *l = p->l;
     const double *sc = l->scratch + f * SC_WIDTH;
     float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh);
-    p->r->forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, len, mh, ml,
-                        (float)sc[SC_INV], l->scales[f], l->biases[f]);
+    p->r->forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, len, mh,
+                        ml, (float)sc[SC_INV], l->scales[f], l->biases[f], p->stream);
 }
 
 static void train_map_unit(void *arg, idx_t unit)
@@ -190,7 +201,8 @@ static void infer_run(void *arg, idx_t f, idx_t off, idx_t len)
     double rv = l->rolling_variance[f];
     double inv = l->numerics == DNBN_NUMERICS_DARKNET ? 1.0 / (sqrt(rv) + DARKNET_EPS_FORWARD)
                                                       : 1.0 / sqrt(rv + (double)l->eps);
-    p->r->forward_infer(p->in + off, l->output + off, len, rm, 0.0f, (float)inv, l->scales[f], l->biases[f]);
+    p->r->forward_infer(p->in + off, l->output + off, len, rm, 0.0f, (float)inv, l->scales[f], l->biases[f],
+                        p->stream);
 }
 
 static void infer_unit(void *arg, idx_t unit)
@@ -228,8 +240,8 @@ static void train_tile(void *arg, idx_t f0, idx_t n)
     tile_params(l, f0, n, mh, ml, inv);
     for (idx_t b = 0; b < l->batch; b++) {
         idx_t off = b * filters + f0;
-        p->r->v_forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, n, mh, ml, inv,
-                              l->scales + f0, l->biases + f0);
+        p->r->v_forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, n,
+                              mh, ml, inv, l->scales + f0, l->biases + f0);
     }
 }
 
@@ -256,7 +268,7 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = {l, dnbn_rows_active(), &pt, net.input};
+    pass p = {l, dnbn_rows_active(), &pt, net.input, streams(l)};
     if (spatial == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
@@ -290,7 +302,7 @@ static void fill_run(void *arg, idx_t f, idx_t off, idx_t len)
     const double *sc = l->scratch + f * SC_WIDTH;
     float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh), inv = (float)sc[SC_INV];
     /* the forward's own arithmetic on x (= its input), x_norm only */
-    p->r->forward_train(l->x + off, NULL, l->x_norm + off, NULL, len, mh, ml, inv, 0.0f, 0.0f);
+    p->r->forward_train(l->x + off, NULL, l->x_norm + off, NULL, len, mh, ml, inv, 0.0f, 0.0f, p->stream);
 }
 
 static void fill_unit(void *arg, idx_t unit)
@@ -306,7 +318,7 @@ int batchnorm_layer_fill_x_norm(batchnorm_layer *l)
     /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
      * treat the tensor as (batch, filters, 1) through the generic partition. */
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = {l, dnbn_rows_active(), &pt, NULL};
+    pass p = {l, dnbn_rows_active(), &pt, NULL, streams(l)};
     dnbn_map_units(&pt, fill_unit, &p);
     return DNBN_OK;
 }
@@ -372,7 +384,7 @@ static void apply_run(void *arg, idx_t f, idx_t off, idx_t len)
     pass *p = arg;
     const double *sc = p->l->scratch + f * SC_WIDTH;
     p->r->backward_apply(p->l->delta + off, p->in + off, p->l->x + off, len, sc[SC_A], sc[SC_MEAN], sc[SC_B],
-                         sc[SC_C]);
+                         sc[SC_C], p->stream);
 }
 
 static void apply_unit(void *arg, idx_t unit)
@@ -420,7 +432,7 @@ int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
     if (!l || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = {l, dnbn_rows_active(), &pt, delta_in};
+    pass p = {l, dnbn_rows_active(), &pt, delta_in, streams(l)};
     if (l->out_h * l->out_w == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, backward_tile, &p);

@@ -25,6 +25,13 @@ typedef int64_t idx_t;
 #define DARKNET_EPS_FORWARD 0.000001
 #define DARKNET_EPS_BACKWARD 0.00001
 
+/* Tensors of at least this many bytes are written with non-temporal stores
+ * by the layer (they would not stay in cache until the next pass anyway). */
+#ifndef DNBN_STREAM_MB
+#define DNBN_STREAM_MB 8
+#endif
+#define DNBN_STREAM_BYTES ((idx_t)DNBN_STREAM_MB << 20)
+
 /* Upper bound of the thread count, and so of work units per channel split. */
 #define DNBN_MAX_THREADS 256
 
@@ -32,7 +39,8 @@ typedef int64_t idx_t;
  * Each works on n contiguous floats of one channel with scalar per-channel
  * parameters. Sums are returned in double. Both implementations evaluate the
  * same operations in the same order (no FMA contraction), so they agree bit
- * for bit; the wide one is just faster. */
+ * for bit; the wide one is just faster. `stream` asks for non-temporal stores
+ * (see rows.inc.h): same values, less memory traffic for large tensors. */
 typedef struct dnbn_rows {
     const char *name;
     double (*sum)(const float *x, idx_t n);                                /* sum x */
@@ -47,15 +55,15 @@ typedef struct dnbn_rows {
     void (*normalize)(float *y, idx_t n, float mean, float inv);           /* y = (y-mean)*inv */
     /* xn = ((in-mh)-ml)*inv; y = xn*gamma + beta; x = in; each stored when not NULL. */
     void (*forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml, float inv,
-                          float gamma, float beta);
+                          float gamma, float beta, int stream);
     /* y = (((in-mh)-ml)*inv)*gamma + beta */
     void (*forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
-                          float beta);
+                          float beta, int stream);
     /* d = d*a + (x-mean)*b + c */
     void (*normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c);
     /* out = dy*a + (x-k)*b + c, evaluated in double */
     void (*backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k, double b,
-                           double c);
+                           double c, int stream);
 
     /* Channel-vector twins for spatial == 1: n consecutive channels of one
      * image, per-channel parameters in arrays, per-channel double sums. */

@@ -10,6 +10,7 @@
  * The helpers are static and inlined, so GCC's note on how 32-byte vectors
  * pass between functions without AVX does not apply (-Wno-psabi).
  */
+#include <stdint.h>
 #include <string.h>
 
 typedef float rv8f __attribute__((vector_size(32)));
@@ -179,40 +180,96 @@ static void ROWS(normalize)(float *y, idx_t n, float mean, float inv)
     for (; i < n; i++) y[i] = (y[i] - mean) * inv;
 }
 
+/* Stores for the passes that write a whole tensor. With `stream` (large
+ * tensors, the caller's choice) the AVX2 build writes with non-temporal
+ * stores, which skip reading each line before overwriting it and keep the
+ * output from evicting the input; the values are the same. Streaming needs the
+ * outputs 32-byte aligned at the same index, which the layer's buffers are. */
+static inline int ROWS(stream_ok)(int stream, const float *a, const float *b, const float *c)
+{
+#ifdef ROWS_AVX2
+    uintptr_t first = (uintptr_t)(a ? a : b ? b : c) & 31;
+    return stream && (!a || ((uintptr_t)a & 31) == first) && (!b || ((uintptr_t)b & 31) == first) &&
+           (!c || ((uintptr_t)c & 31) == first) && (first & 3) == 0;
+#else
+    (void)stream, (void)a, (void)b, (void)c;
+    return 0;
+#endif
+}
+
+static inline int ROWS(aligned32)(const float *a, const float *b, const float *c)
+{
+    return ((uintptr_t)(a ? a : b ? b : c) & 31) == 0;
+}
+
+static inline void ROWS(out8)(float *p, rv8f v, int nt)
+{
+#ifdef ROWS_AVX2
+    if (nt) {
+        _mm256_stream_ps(p, (__m256)v);
+        return;
+    }
+#endif
+    (void)nt;
+    ROWS(st8)(p, v);
+}
+
+static inline void ROWS(stream_end)(int nt)
+{
+#ifdef ROWS_AVX2
+    if (nt) _mm_sfence(); /* order the streamed stores before anyone reads them */
+#endif
+    (void)nt;
+}
+
+static inline void ROWS(forward_train1)(const float *in, float *x, float *xn, float *y, idx_t i, float mh, float ml,
+                                        float inv, float gamma, float beta)
+{
+    float v = in[i];
+    float t = ((v - mh) - ml) * inv;
+    if (x) x[i] = v;
+    if (xn) xn[i] = t;
+    if (y) y[i] = t * gamma + beta;
+}
+
 static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
-                                float inv, float gamma, float beta)
+                                float inv, float gamma, float beta, int stream)
 {
     const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
     const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
     const rv8f vg = {gamma, gamma, gamma, gamma, gamma, gamma, gamma, gamma};
     const rv8f vb = {beta, beta, beta, beta, beta, beta, beta, beta};
+    int nt = ROWS(stream_ok)(stream, x, xn, y);
     idx_t i = 0;
+    if (nt)
+        for (; i < n && !ROWS(aligned32)(x ? x + i : NULL, xn ? xn + i : NULL, y ? y + i : NULL); i++)
+            ROWS(forward_train1)(in, x, xn, y, i, mh, ml, inv, gamma, beta);
     for (; i + 8 <= n; i += 8) {
         rv8f v = ROWS(ld8)(in + i);
         rv8f t = ((v - vh) - vl) * vi;
-        if (x) ROWS(st8)(x + i, v);
-        if (xn) ROWS(st8)(xn + i, t);
-        if (y) ROWS(st8)(y + i, t * vg + vb);
+        if (x) ROWS(out8)(x + i, v, nt);
+        if (xn) ROWS(out8)(xn + i, t, nt);
+        if (y) ROWS(out8)(y + i, t * vg + vb, nt);
     }
-    for (; i < n; i++) {
-        float v = in[i];
-        float t = ((v - mh) - ml) * inv;
-        if (x) x[i] = v;
-        if (xn) xn[i] = t;
-        if (y) y[i] = t * gamma + beta;
-    }
+    for (; i < n; i++) ROWS(forward_train1)(in, x, xn, y, i, mh, ml, inv, gamma, beta);
+    ROWS(stream_end)(nt);
 }
 
 static void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
-                                float beta)
+                                float beta, int stream)
 {
     const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
     const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
     const rv8f vg = {gamma, gamma, gamma, gamma, gamma, gamma, gamma, gamma};
     const rv8f vb = {beta, beta, beta, beta, beta, beta, beta, beta};
+    int nt = ROWS(stream_ok)(stream, y, NULL, NULL);
     idx_t i = 0;
-    for (; i + 8 <= n; i += 8) ROWS(st8)(y + i, (((ROWS(ld8)(in + i) - vh) - vl) * vi) * vg + vb);
+    if (nt)
+        for (; i < n && !ROWS(aligned32)(y + i, NULL, NULL); i++)
+            y[i] = (((in[i] - mh) - ml) * inv) * gamma + beta;
+    for (; i + 8 <= n; i += 8) ROWS(out8)(y + i, (((ROWS(ld8)(in + i) - vh) - vl) * vi) * vg + vb, nt);
     for (; i < n; i++) y[i] = (((in[i] - mh) - ml) * inv) * gamma + beta;
+    ROWS(stream_end)(nt);
 }
 
 static void ROWS(normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c)
@@ -226,18 +283,22 @@ static void ROWS(normalize_delta)(float *d, const float *x, idx_t n, float a, fl
 }
 
 static void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
-                                 double b, double c)
+                                 double b, double c, int stream)
 {
     const rv4d va = {a, a, a, a}, vk = {k, k, k, k}, vb = {b, b, b, b}, vc = {c, c, c, c};
+    int nt = ROWS(stream_ok)(stream, out, NULL, NULL);
     idx_t i = 0;
+    if (nt)
+        for (; i < n && !ROWS(aligned32)(out + i, NULL, NULL); i++)
+            out[i] = (float)((dy[i] * a + ((double)x[i] - k) * b) + c);
     for (; i + 8 <= n; i += 8) {
         rv4d lo = (ROWS(ld4d)(dy + i) * va + (ROWS(ld4d)(x + i) - vk) * vb) + vc;
         rv4d hi = (ROWS(ld4d)(dy + i + 4) * va + (ROWS(ld4d)(x + i + 4) - vk) * vb) + vc;
         rv4f flo = __builtin_convertvector(lo, rv4f), fhi = __builtin_convertvector(hi, rv4f);
-        memcpy(out + i, &flo, sizeof flo);
-        memcpy(out + i + 4, &fhi, sizeof fhi);
+        ROWS(out8)(out + i, __builtin_shufflevector(flo, fhi, 0, 1, 2, 3, 4, 5, 6, 7), nt);
     }
     for (; i < n; i++) out[i] = (float)((dy[i] * a + ((double)x[i] - k) * b) + c);
+    ROWS(stream_end)(nt);
 }
 
 /* ---- channel-vector primitives: n consecutive channels of one image when
