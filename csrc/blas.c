@@ -209,7 +209,8 @@ void variance_delta_cpu(float *x, float *delta, float *mean, float *variance, in
 
 /* The four per-channel parameters of a pass, as arrays over a tile. */
 typedef struct tile_params {
-    float a[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE], k[DNBN_TILE];
+    float a[DNBN_TILE], k[DNBN_TILE];                        /* normalize, scale, shift */
+    double da[DNBN_TILE], db[DNBN_TILE], dc[DNBN_TILE], dk[DNBN_TILE]; /* normalize_delta */
 } tile_params;
 
 typedef struct map_kernel {
@@ -248,7 +249,7 @@ static void fc_shift(const kernel_ctx *c, idx_t off, idx_t n, const tile_params 
 
 static void fc_normalize_delta(const kernel_ctx *c, idx_t off, idx_t n, const tile_params *p)
 {
-    c->r->v_normalize_delta(c->delta + off, c->x + off, n, p->a, p->k, p->b, p->c);
+    c->r->v_backward_apply(c->delta + off, c->delta + off, c->x + off, n, p->da, p->dk, p->db, p->dc);
 }
 
 /* What a run function of an elementwise pass sees: the kernel, and the
@@ -296,8 +297,9 @@ static void run_map(map_kernel *mk, int batch, int filters, int spatial)
 MAP_RUN_FN(run_normalize, c->r->normalize(c->x + offset, len, p->k[j], p->a[j]))
 MAP_RUN_FN(run_scale, c->r->scale(c->x + offset, len, p->a[j]))
 MAP_RUN_FN(run_shift, c->r->shift(c->x + offset, len, p->a[j]))
-MAP_RUN_FN(run_normalize_delta,
-           c->r->normalize_delta(c->delta + offset, c->x + offset, len, p->a[j], p->k[j], p->b[j], p->c[j]))
+/* in double, like the layer's backward: its three terms may nearly cancel */
+MAP_RUN_FN(run_normalize_delta, c->r->backward_apply(c->delta + offset, c->delta + offset, c->x + offset, len,
+                                                     p->da[j], p->dk[j], p->db[j], p->dc[j], 0))
 
 static void par_normalize(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j)
 {
@@ -310,10 +312,10 @@ static void par_scale(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j) { p
 static void par_normalize_delta(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j)
 {
     double m = (double)c->pt->m;
-    p->k[j] = c->mean[f];
-    p->a[j] = (float)(1.0 / sqrt((double)c->variance[f] + DARKNET_EPS_BACKWARD));
-    p->b[j] = (float)((double)c->variance_delta[f] * 2.0 / m);
-    p->c[j] = (float)((double)c->mean_delta[f] / m);
+    p->dk[j] = c->mean[f];
+    p->da[j] = 1.0 / sqrt((double)c->variance[f] + DARKNET_EPS_BACKWARD);
+    p->db[j] = (double)c->variance_delta[f] * 2.0 / m;
+    p->dc[j] = (double)c->mean_delta[f] / m;
 }
 
 void normalize_cpu(float *x, float *mean, float *variance, int batch, int filters, int spatial)

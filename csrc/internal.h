@@ -59,9 +59,7 @@ typedef struct dnbn_rows {
     /* y = (((in-mh)-ml)*inv)*gamma + beta */
     void (*forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
                           float beta, int stream);
-    /* d = d*a + (x-mean)*b + c */
-    void (*normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c);
-    /* out = dy*a + (x-k)*b + c, evaluated in double */
+    /* out = dy*a + (x-k)*b + c, evaluated in double (out may be dy) */
     void (*backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k, double b,
                            double c, int stream);
 
@@ -74,8 +72,6 @@ typedef struct dnbn_rows {
                             const float *ml, const float *inv, const float *g, const float *b);
     void (*v_forward_infer)(const float *in, float *y, idx_t n, const float *mh, const float *ml, const float *inv,
                             const float *g, const float *b);
-    void (*v_normalize_delta)(float *d, const float *x, idx_t n, const float *a, const float *mean, const float *b,
-                              const float *c);
     void (*v_sums_dev)(const float *d, const float *x, const double *k, idx_t n, double *s, double *sd);
     void (*v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a, const double *k,
                              const double *b, const double *c);

@@ -272,16 +272,6 @@ static void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, fl
     ROWS(stream_end)(nt);
 }
 
-static void ROWS(normalize_delta)(float *d, const float *x, idx_t n, float a, float mean, float b, float c)
-{
-    const rv8f va = {a, a, a, a, a, a, a, a}, vm = {mean, mean, mean, mean, mean, mean, mean, mean};
-    const rv8f vb = {b, b, b, b, b, b, b, b}, vc = {c, c, c, c, c, c, c, c};
-    idx_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        ROWS(st8)(d + i, (ROWS(ld8)(d + i) * va + (ROWS(ld8)(x + i) - vm) * vb) + vc);
-    for (; i < n; i++) d[i] = (d[i] * a + (x[i] - mean) * b) + c;
-}
-
 static void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
                                  double b, double c, int stream)
 {
@@ -372,17 +362,6 @@ static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const floa
     for (; j < n; j++) y[j] = (((in[j] - mh[j]) - ml[j]) * inv[j]) * g[j] + b[j];
 }
 
-static void ROWS(v_normalize_delta)(float *d, const float *x, idx_t n, const float *a, const float *mean,
-                                    const float *b, const float *c)
-{
-    idx_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        ROWS(st8)(d + j, (ROWS(ld8)(d + j) * ROWS(ld8)(a + j) +
-                          (ROWS(ld8)(x + j) - ROWS(ld8)(mean + j)) * ROWS(ld8)(b + j)) +
-                             ROWS(ld8)(c + j));
-    for (; j < n; j++) d[j] = (d[j] * a[j] + (x[j] - mean[j]) * b[j]) + c[j];
-}
-
 static void ROWS(v_sums_dev)(const float *d, const float *x, const double *k, idx_t n, double *s, double *sd)
 {
     for (idx_t j = 0; j < n; j++) {
@@ -411,13 +390,11 @@ static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, 
         .normalize = ROWS(normalize), \
         .forward_train = ROWS(forward_train), \
         .forward_infer = ROWS(forward_infer), \
-        .normalize_delta = ROWS(normalize_delta), \
         .backward_apply = ROWS(backward_apply), \
         .v_shifted_acc = ROWS(v_shifted_acc), \
         .v_sum_dot_dev = ROWS(v_sum_dot_dev), \
         .v_forward_train = ROWS(v_forward_train), \
         .v_forward_infer = ROWS(v_forward_infer), \
-        .v_normalize_delta = ROWS(v_normalize_delta), \
         .v_sums_dev = ROWS(v_sums_dev), \
         .v_backward_apply = ROWS(v_backward_apply), \
     }

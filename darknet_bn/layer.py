@@ -34,7 +34,7 @@ class _CBuffer:
     no view can outlive the C layer it points into.
     """
 
-    __slots__ = ("__array_interface__", "_owner")
+    __slots__ = ("__array_interface__", "_owner", "__weakref__")
 
     def __init__(self, owner: Any, address: int, shape: Tuple[int, ...]) -> None:
         self._owner = owner
@@ -130,7 +130,7 @@ class BatchNormLayer:
         # is still alive; reading the attribute fills it from x first.
         self._layer.keep_x_norm = 0
         self._x_norm_stale = False
-        self._x_norm_refs: "list[weakref.ref[np.ndarray]]" = []
+        self._x_norm_refs: "list[weakref.ref[_CBuffer]]" = []
 
     def _view(self, name: str, shape: Tuple[int, ...]) -> np.ndarray:
         address = int(ffi.cast("uintptr_t", getattr(self._layer, name)))
@@ -142,12 +142,16 @@ class BatchNormLayer:
         if self._x_norm_stale:
             check(lib.batchnorm_layer_fill_x_norm(self._layer), "x_norm")
             self._x_norm_stale = False
-        view = self._views[name].view()
-        self._x_norm_refs = [r for r in self._x_norm_refs if r() is not None] + [weakref.ref(view)]
-        return view
+        # A fresh exporter per access: every array derived from this one (slices,
+        # reshapes: NumPy makes the exporter their base) keeps it alive, so the
+        # weak reference tells whether any of them may still be read.
+        address = int(ffi.cast("uintptr_t", self._layer.x_norm))
+        exporter = _CBuffer(self._layer, address, (self.batch, self.c, self.h, self.w))
+        self._x_norm_refs = [r for r in self._x_norm_refs if r() is not None] + [weakref.ref(exporter)]
+        return np.asarray(exporter)
 
     def _x_norm_watched(self) -> bool:
-        """Whether an x_norm array handed out earlier is still alive."""
+        """Whether an array handed out as x_norm (or derived from one) is still alive."""
         self._x_norm_refs = [r for r in self._x_norm_refs if r() is not None]
         return bool(self._x_norm_refs)
 
