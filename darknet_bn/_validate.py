@@ -68,6 +68,8 @@ def readable(value: Any, name: str, count: int, shapes: Sequence[Tuple[int, ...]
 
     With ``shapes``, the array's shape must be one of them; otherwise only its size counts.
     """
+    if type(value) is np.ndarray and value.dtype == np.float32 and value.shape in shapes:
+        return value if value.flags.c_contiguous else np.ascontiguousarray(value)  # the common case, fast
     arr = float32_array(value, name)
     _check_extent(arr, name, count, shapes)
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)

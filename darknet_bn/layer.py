@@ -120,6 +120,11 @@ class BatchNormLayer:
         check(lib.batchnorm_layer_set_numerics(self._layer, _NUMERICS[numerics], eps, momentum), "numerics")
 
         self._numerics = numerics
+        # Fixed for the layer's life, kept at hand for the per-call checks.
+        self._shapes = ((batch, c, h, w), (batch, c * h * w))
+        self._count = batch * c * h * w
+        self._trainable = batch * h * w >= 2
+        self._net = ffi.new("batchnorm_network *")
         self._views = {}
         for name in _ACTIVATIONS:
             self._views[name] = self._view(name, (batch, c, h, w))
@@ -173,9 +178,6 @@ class BatchNormLayer:
             f"numerics={self.numerics!r}, eps={self.eps}, momentum={self.momentum})"
         )
 
-    @property
-    def _shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        return (self.batch, self.c, self.h, self.w), (self.batch, self.outputs)
 
     def forward(self, input: np.ndarray, train: bool = True) -> np.ndarray:
         """Normalize ``input`` and return ``output`` (a view, in the input's shape).
@@ -192,16 +194,21 @@ class BatchNormLayer:
             ArgumentError: input has the wrong shape; batch*h*w < 2 in training.
         """
         train = _validate.flag(train, "train")
-        arr = _validate.readable(input, "input", self.batch * self.outputs, self._shapes)
-        if train and self.batch * self.h * self.w < 2:
+        arr = _validate.readable(input, "input", self._count, self._shapes)
+        if train and not self._trainable:
             raise ArgumentError(
                 "training needs at least 2 values per channel (batch*h*w >= 2), "
                 f"got batch={self.batch}, h*w={self.h * self.w}"
             )
-        net = ffi.new("batchnorm_network *", {"input": floats(arr), "delta": ffi.NULL, "train": int(train)})
-        keep = self._x_norm_watched()
-        self._layer.keep_x_norm = int(keep)
-        check(lib.forward_batchnorm_layer(self._layer, net[0]), "forward")
+        pointer = floats(arr)
+        net = self._net
+        net.input = pointer
+        net.train = train
+        keep = bool(self._x_norm_refs) and self._x_norm_watched()
+        self._layer.keep_x_norm = keep
+        status = lib.forward_batchnorm_layer(self._layer, net[0])
+        net.input = ffi.NULL
+        check(status, "forward")
         if train:
             self._x_norm_stale = not keep
         return self._views["output"].reshape(arr.shape)
@@ -221,7 +228,7 @@ class BatchNormLayer:
         """
         if lib.batchnorm_layer_state(self._layer) != _STATE_TRAINING:
             raise LayerStateError("backward needs a training forward(input, train=True) first")
-        arr = _validate.readable(delta, "delta", self.batch * self.outputs, self._shapes)
+        arr = _validate.readable(delta, "delta", self._count, self._shapes)
         check(lib.backward_batchnorm_layer_from(self._layer, floats(arr)), "backward")
         return self._views["delta"].reshape(arr.shape)
 
