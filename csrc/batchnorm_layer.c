@@ -28,6 +28,7 @@ enum { STATE_NONE = 0, STATE_INFERENCE = 1, STATE_TRAINING = 2 };
 /* Per-channel doubles kept from forward for backward (layer->scratch): the
  * batch mean and normalizer, then the coefficients of the input delta. */
 enum { SC_MEAN, SC_INV, SC_A, SC_B, SC_C, SC_WIDTH };
+_Static_assert(SC_WIDTH == BATCHNORM_SCRATCH_DOUBLES, "the header's scratch size");
 
 static void reset_running(batchnorm_layer *l)
 {
@@ -123,6 +124,9 @@ typedef struct pass {
     const dnbn_part *pt;
     const float *in; /* forward: the input; backward: dy */
     int stream;      /* write activations with non-temporal stores */
+    float *x;        /* forward: where the input is kept (NULL when l->x is the input itself) */
+    double count;    /* backward: values per channel in the whole (maybe sharded) batch */
+    double *sums[2]; /* backward phase 1: per-channel outputs, or NULL */
 } pass;
 
 /* Whether a pass over l streams its output past the caches: when the layer's
@@ -166,8 +170,8 @@ static void train_run(void *arg, idx_t f, idx_t off, idx_t len)
     batchnorm_layer *l = p->l;
     const double *sc = l->scratch + f * SC_WIDTH;
     float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh);
-    p->r->forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, len, mh,
-                        ml, (float)sc[SC_INV], l->scales[f], l->biases[f], p->stream);
+    p->r->forward_train(p->in + off, p->x ? p->x + off : NULL, l->keep_x_norm ? l->x_norm + off : NULL,
+                        l->output + off, len, mh, ml, (float)sc[SC_INV], l->scales[f], l->biases[f], p->stream);
 }
 
 static void train_map_unit(void *arg, idx_t unit)
@@ -225,24 +229,30 @@ static void tile_params(const batchnorm_layer *l, idx_t f0, idx_t n, float *mh, 
     }
 }
 
-static void train_tile(void *arg, idx_t f0, idx_t n)
+/* The elementwise pass of a tile whose statistics are in the scratch rows. */
+static void train_apply_tile(void *arg, idx_t f0, idx_t n)
 {
     pass *p = arg;
     batchnorm_layer *l = p->l;
-    idx_t filters = l->out_c;
-    double mean[DNBN_TILE], m2[DNBN_TILE];
     float mh[DNBN_TILE], ml[DNBN_TILE], inv[DNBN_TILE];
-    dnbn_tile_moments(p->r, p->in, l->batch, filters, f0, n, mean, m2);
-    for (idx_t j = 0; j < n; j++) {
-        double acc[3] = {(double)l->batch, mean[j], m2[j]};
-        finish_stats(p, f0 + j, acc);
-    }
     tile_params(l, f0, n, mh, ml, inv);
     for (idx_t b = 0; b < l->batch; b++) {
-        idx_t off = b * filters + f0;
-        p->r->v_forward_train(p->in + off, l->x + off, l->keep_x_norm ? l->x_norm + off : NULL, l->output + off, n,
-                              mh, ml, inv, l->scales + f0, l->biases + f0);
+        idx_t off = b * l->out_c + f0;
+        p->r->v_forward_train(p->in + off, p->x ? p->x + off : NULL, l->keep_x_norm ? l->x_norm + off : NULL,
+                              l->output + off, n, mh, ml, inv, l->scales + f0, l->biases + f0);
     }
+}
+
+static void train_tile(void *arg, idx_t f0, idx_t n)
+{
+    pass *p = arg;
+    double mean[DNBN_TILE], m2[DNBN_TILE];
+    dnbn_tile_moments(p->r, p->in, p->l->batch, p->l->out_c, f0, n, mean, m2);
+    for (idx_t j = 0; j < n; j++) {
+        double acc[3] = {(double)p->l->batch, mean[j], m2[j]};
+        finish_stats(p, f0 + j, acc);
+    }
+    train_apply_tile(arg, f0, n);
 }
 
 static void infer_tile(void *arg, idx_t f0, idx_t n)
@@ -262,13 +272,20 @@ static void infer_tile(void *arg, idx_t f0, idx_t n)
     }
 }
 
+/* A pass over l reading `in`: the partition and everything its units share. */
+static pass make_pass(batchnorm_layer *l, const dnbn_part *pt, const float *in)
+{
+    pass p = {l, dnbn_rows_active(), pt, in, streams(l), l->x == in ? NULL : l->x, (double)pt->m, {NULL, NULL}};
+    return p;
+}
+
 int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
 {
     if (!l || !net.input) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = {l, dnbn_rows_active(), &pt, net.input, streams(l)};
+    pass p = make_pass(l, &pt, net.input);
     if (spatial == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
@@ -318,7 +335,7 @@ int batchnorm_layer_fill_x_norm(batchnorm_layer *l)
     /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
      * treat the tensor as (batch, filters, 1) through the generic partition. */
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = {l, dnbn_rows_active(), &pt, NULL, streams(l)};
+    pass p = make_pass(l, &pt, NULL);
     dnbn_map_units(&pt, fill_unit, &p);
     return DNBN_OK;
 }
@@ -353,7 +370,7 @@ static void finish_sums(void *arg, idx_t f, const double acc[3])
 {
     pass *p = arg;
     batchnorm_layer *l = p->l;
-    double sum_dy = acc[0], sum_dy_dev = acc[1], m = (double)p->pt->m;
+    double sum_dy = acc[0], sum_dy_dev = acc[1], m = p->count;
     double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH, inv = sc[SC_INV];
     l->bias_updates[f] = (float)((double)l->bias_updates[f] + sum_dy);
     l->scale_updates[f] = (float)((double)l->scale_updates[f] + inv * sum_dy_dev); /* sum dy*x_norm */
@@ -403,28 +420,64 @@ static void backward_fused_unit(void *arg, idx_t unit)
     apply_unit(arg, unit);
 }
 
-static void backward_tile(void *arg, idx_t f0, idx_t n)
+static void tile_means(const batchnorm_layer *l, idx_t f0, idx_t n, double *k)
+{
+    for (idx_t j = 0; j < n; j++) k[j] = l->scratch[(f0 + j) * SC_WIDTH + SC_MEAN];
+}
+
+static void sums_tile(const pass *p, idx_t f0, idx_t n, double *s, double *sd)
+{
+    const batchnorm_layer *l = p->l;
+    double k[DNBN_TILE];
+    tile_means(l, f0, n, k);
+    for (idx_t j = 0; j < n; j++) s[j] = sd[j] = 0;
+    for (idx_t i = 0; i < l->batch; i++) {
+        idx_t off = i * l->out_c + f0;
+        p->r->v_sums_dev(p->in + off, l->x + off, k, n, s, sd);
+    }
+}
+
+/* The input delta of a tile whose coefficients are in the scratch rows. */
+static void apply_tile(void *arg, idx_t f0, idx_t n)
 {
     pass *p = arg;
     batchnorm_layer *l = p->l;
-    idx_t filters = l->out_c;
-    double s[DNBN_TILE] = {0}, sd[DNBN_TILE] = {0};
     double a[DNBN_TILE], k[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE];
-    for (idx_t j = 0; j < n; j++) k[j] = l->scratch[(f0 + j) * SC_WIDTH + SC_MEAN];
-    for (idx_t i = 0; i < l->batch; i++) {
-        idx_t off = i * filters + f0;
-        p->r->v_sums_dev(p->in + off, l->x + off, k, n, s, sd);
-    }
+    tile_means(l, f0, n, k);
     for (idx_t j = 0; j < n; j++) {
-        double acc[3] = {s[j], sd[j], 0};
-        finish_sums(p, f0 + j, acc);
         const double *sc = l->scratch + (f0 + j) * SC_WIDTH;
         a[j] = sc[SC_A], b[j] = sc[SC_B], c[j] = sc[SC_C];
     }
     for (idx_t i = 0; i < l->batch; i++) {
-        idx_t off = i * filters + f0;
+        idx_t off = i * l->out_c + f0;
         p->r->v_backward_apply(l->delta + off, p->in + off, l->x + off, n, a, k, b, c);
     }
+}
+
+static void backward_tile(void *arg, idx_t f0, idx_t n)
+{
+    pass *p = arg;
+    double s[DNBN_TILE], sd[DNBN_TILE];
+    sums_tile(p, f0, n, s, sd);
+    for (idx_t j = 0; j < n; j++) {
+        double acc[3] = {s[j], sd[j], 0};
+        finish_sums(p, f0 + j, acc);
+    }
+    apply_tile(arg, f0, n);
+}
+
+/* Phase 1 of a sharded backward: the sums go out instead of into the layer. */
+static void sums_out_tile(void *arg, idx_t f0, idx_t n)
+{
+    pass *p = arg;
+    sums_tile(p, f0, n, p->sums[0] + f0, p->sums[1] + f0);
+}
+
+static void sums_out_finish(void *arg, idx_t f, const double acc[3])
+{
+    pass *p = arg;
+    p->sums[0][f] = acc[0];
+    p->sums[1][f] = acc[1];
 }
 
 int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
@@ -432,7 +485,7 @@ int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
     if (!l || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = {l, dnbn_rows_active(), &pt, delta_in, streams(l)};
+    pass p = make_pass(l, &pt, delta_in);
     if (l->out_h * l->out_w == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, backward_tile, &p);
@@ -454,6 +507,69 @@ int backward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
     if (status == DNBN_OK && net.delta && net.delta != l->delta)
         memcpy(net.delta, l->delta, (size_t)l->batch * (size_t)l->outputs * sizeof(float));
     return status;
+}
+
+/* ---- phases, for statistics combined across shards of a batch ---- */
+
+int batchnorm_layer_forward_moments(batchnorm_layer *l, float *input, double count, const double *mean,
+                                    const double *m2)
+{
+    if (!l || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
+    int spatial = l->out_h * l->out_w;
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
+    pass p = make_pass(l, &pt, input);
+    for (idx_t f = 0; f < l->out_c; f++) {
+        double acc[3] = {count, mean[f], m2[f]};
+        finish_stats(&p, f, acc);
+    }
+    if (spatial == 1) {
+        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
+        dnbn_map_tiles(&t, train_apply_tile, &p);
+    } else {
+        dnbn_map_units(&pt, train_map_unit, &p);
+    }
+    l->state = STATE_TRAINING;
+    l->trained = 1;
+    return DNBN_OK;
+}
+
+int batchnorm_layer_backward_sums(batchnorm_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev)
+{
+    if (!l || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
+    if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    pass p = make_pass(l, &pt, delta_in);
+    p.sums[0] = sum_dy;
+    p.sums[1] = sum_dy_dev;
+    if (l->out_h * l->out_w == 1) {
+        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
+        dnbn_map_tiles(&t, sums_out_tile, &p);
+    } else {
+        dnbn_reduce r = {sums_unit, NULL, sums_out_finish, &p};
+        dnbn_reduce_channels(&pt, &r);
+    }
+    return DNBN_OK;
+}
+
+int batchnorm_layer_backward_apply(batchnorm_layer *l, float *delta_in, double count, const double *sum_dy,
+                                   const double *sum_dy_dev)
+{
+    if (!l || !delta_in || !sum_dy || !sum_dy_dev || !(count >= 1)) return DNBN_ERR_ARG;
+    if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    pass p = make_pass(l, &pt, delta_in);
+    p.count = count;
+    for (idx_t f = 0; f < l->out_c; f++) {
+        double acc[3] = {sum_dy[f], sum_dy_dev[f], 0};
+        finish_sums(&p, f, acc);
+    }
+    if (l->out_h * l->out_w == 1) {
+        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
+        dnbn_map_tiles(&t, apply_tile, &p);
+    } else {
+        dnbn_map_units(&pt, apply_unit, &p);
+    }
+    return DNBN_OK;
 }
 
 /* ---- update ---- */

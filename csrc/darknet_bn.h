@@ -61,6 +61,9 @@ extern "C" {
 #define DNBN_NUMERICS_DARKNET 0
 #define DNBN_NUMERICS_STANDARD 1
 
+/* Doubles of per-channel work space a layer needs (times out_c). */
+#define BATCHNORM_SCRATCH_DOUBLES 5
+
 
 /* ===== 1. Darknet's kernels ==============================================
  * Sizes: a kernel called with batch, filters/n, or spatial/size <= 0 does
@@ -124,8 +127,12 @@ void normalize_delta_cpu_ref(float *x, float *mean, float *variance, float *mean
 
 /* ===== 3. The layer ======================================================== */
 
-/* The layer. Field names are Darknet's. Buffers are owned by the layer:
- * activation buffers hold batch*outputs floats, per-channel ones out_c. */
+/* The layer. Field names are Darknet's. Activation buffers hold
+ * batch*outputs floats, per-channel ones out_c. make_batchnorm_layer allocates
+ * them all; a caller may instead fill in a zeroed struct itself with its own
+ * buffers (memory = NULL, scratch = BATCHNORM_SCRATCH_DOUBLES * out_c doubles,
+ * then batchnorm_layer_set_numerics) and never call free_batchnorm_layer on
+ * it. x may point at the input itself: forward then does not copy it. */
 typedef struct batchnorm_layer {
     int batch;              /* images per batch */
     int out_c, out_h, out_w; /* channels, height, width (input shape = output shape) */
@@ -209,10 +216,21 @@ int batchnorm_layer_state(const batchnorm_layer *l);
  * forward. */
 int batchnorm_layer_fill_x_norm(batchnorm_layer *l);
 
-/* ===== 4. Statistics phase ================================================
- * Per-channel moments of a batch: count n = m, mean, and m2 = sum (x - mean)^2
- * in double, accurate for any offset. Partial moments of several shards of a
- * batch (other processes, say) combine exactly with batchnorm_moments_combine. */
+/* ===== 4. Phases, for a batch split across processes =====================
+ * forward_batchnorm_layer and backward_batchnorm_layer_from are each a local
+ * reduction, then an elementwise pass. The same phases are public, so that a
+ * batch sharded over several processes (synchronized batch norm) can combine
+ * its statistics in between:
+ *
+ *   forward:  batchnorm_moments(local input)          -> mean, m2 (count = batch*h*w)
+ *             batchnorm_moments_combine over shards    -> global count, mean, m2
+ *             batchnorm_layer_forward_moments(l, input, count, mean, m2)
+ *   backward: batchnorm_layer_backward_sums(l, delta, sum_dy, sum_dy_dev)
+ *             add sum_dy and sum_dy_dev over shards
+ *             batchnorm_layer_backward_apply(l, delta, count, sum_dy, sum_dy_dev)
+ *
+ * With one shard this is exactly the fused forward and backward. Moments are
+ * in double: count n, mean, and m2 = sum (x - mean)^2, accurate for any offset. */
 
 /* Overwrites mean[f] and m2[f] (filters doubles each). */
 void batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2);
@@ -221,6 +239,24 @@ void batchnorm_moments(const float *x, int batch, int filters, int spatial, doub
  * n_b values with mean_b, m2_b; mean_a and m2_a are overwritten. */
 void batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
                                const double *mean_b, const double *m2_b);
+
+/* A training forward with the given (global) statistics: count values per
+ * channel with mean and m2 (filters doubles each). Sets mean, variance, the
+ * running statistics, x, x_norm (if kept) and output, as a training forward.
+ * DNBN_ERR_ARG if count < 2. */
+int batchnorm_layer_forward_moments(batchnorm_layer *l, float *input, double count, const double *mean,
+                                    const double *m2);
+
+/* Backward phase 1: overwrites sum_dy[f] = sum delta_in and
+ * sum_dy_dev[f] = sum delta_in*(x - mean) over the local batch (filters doubles
+ * each). Writes nothing in the layer. DNBN_ERR_STATE as backward. */
+int batchnorm_layer_backward_sums(batchnorm_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev);
+
+/* Backward phase 2: with the sums over all count values per channel, does what
+ * backward_batchnorm_layer_from does after its sums: updates, mean_delta,
+ * variance_delta, and -dLoss/dx of the local batch into l->delta. */
+int batchnorm_layer_backward_apply(batchnorm_layer *l, float *delta_in, double count, const double *sum_dy,
+                                   const double *sum_dy_dev);
 
 /* ===== 5. Settings ========================================================= */
 
