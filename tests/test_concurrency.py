@@ -119,7 +119,6 @@ def test_c_calls_release_the_gil():
             t.join(10)
     assert seen, (f"in {len(calls)} forward calls the other thread never observed a half-written output; "
                   f"its loop advanced {calls[:10]} times during the calls (the GIL is held?)")
-    assert max(calls) > 0
 
 
 @pytest.mark.parametrize("numerics", NUMERICS)
@@ -211,6 +210,7 @@ def test_kernels_in_threads_match_serial_bit_for_bit():
 # Big enough for 7 threads to be used (7 x 65,536 element operations).
 COUNT_SHAPES = {
     "channels": (2, 12, 160, 120),
+    "groups": (2, 100, 48, 48),
     "split": (2, 3, 320, 360),
     "fc": (4096, 120, 1, 1),
 }

@@ -416,7 +416,8 @@ def test_huge_values_kernels(rng, impl_name):
 # --------------------------------------------------------------------------- NaN / Inf confinement
 
 POISONS = ["nan_input", "inf_input", "-inf_input", "nan_delta", "inf_delta", "nan_scale"]
-POISON_CHANNEL = {"channels": 3, "split": 0, "fc": 23}  # fc: the last lane of a vector, next to a tile edge
+# groups: inside a work unit of 16 channels; fc: the last lane of a vector, next to a tile edge.
+POISON_CHANNEL = {"channels": 3, "groups": 21, "split": 0, "fc": 23}
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the oracle's own NaN arithmetic
