@@ -73,7 +73,7 @@ valgrind: $(BUILD)/test_darknet_bn
 $(VENV)/.installed: pyproject.toml setup.py $(LIB_SRCS) $(HEADERS) darknet_bn/_ffi_build.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip setuptools wheel cffi
-	$(VPY) -m pip install --quiet -e ".[test,torch]"
+	$(VPY) -m pip install --quiet -e ".[test,torch,demo,bench]"
 	touch $@
 
 venv: $(VENV)/.installed
