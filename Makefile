@@ -69,7 +69,7 @@ valgrind: $(BUILD)/test_darknet_bn
 		--show-leak-kinds=definite $(BUILD)/test_darknet_bn
 
 # The development environment: the package installed editable (the extension
-# is compiled in place from csrc/) with the test and torch extras.
+# is compiled in place from csrc/) with the test, torch, demo and bench extras.
 $(VENV)/.installed: pyproject.toml setup.py $(LIB_SRCS) $(HEADERS) darknet_bn/_ffi_build.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip setuptools wheel cffi
@@ -84,11 +84,9 @@ pytest: venv
 test: all ctest sanitize valgrind pytest
 
 demo: venv
-	$(VPY) -m pip install --quiet -e ".[demo]"
 	$(VPY) -m darknet_bn.demo $(DEMO_ARGS)
 
 bench: venv
-	$(VPY) -m pip install --quiet -e ".[bench]"
 	$(VPY) -m darknet_bn.bench $(BENCH_ARGS)
 
 bench-c: $(BUILD)/bench_batchnorm
