@@ -1,8 +1,8 @@
 # darknet_bn - build, test, benchmark, demo.
 #
 #   make          build/libdarknet_bn.so, build/libdarknet_bn.a, build/bench_batchnorm
-#   make test     C tests, then a virtual environment (.venv) with the package and
-#                 its test extra, then pytest
+#   make test     C tests (plain, under ASan+UBSan, under valgrind), then a virtual
+#                 environment (.venv) with the package and its extras, then pytest
 #   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
 #   make bench    the Python benchmark against PyTorch, NumPy and the reference path
 #   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)
