@@ -129,13 +129,13 @@ typedef struct pass {
     double *sums[2]; /* backward phase 1: per-channel outputs, or NULL */
 } pass;
 
-/* Whether a pass over l streams its output past the caches: when the layer's
- * tensors are too large to stay in them between passes anyway, and rows are
- * whole 64-byte lines (a line written partly by streaming and partly by
- * ordinary stores is slow on both). */
-static int streams(const batchnorm_layer *l)
+/* Whether a pass over l touching `tensors` activation tensors streams its
+ * output past the caches: when they are too large to stay in them anyway, and
+ * rows are whole 64-byte lines (a line written partly by streaming and partly
+ * by ordinary stores is slow on both). */
+static int streams(const batchnorm_layer *l, int tensors)
 {
-    return (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) >= DNBN_STREAM_BYTES &&
+    return (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors >= DNBN_STREAM_BYTES &&
            (l->out_h * l->out_w) % 16 == 0;
 }
 
@@ -272,10 +272,12 @@ static void infer_tile(void *arg, idx_t f0, idx_t n)
     }
 }
 
-/* A pass over l reading `in`: the partition and everything its units share. */
-static pass make_pass(batchnorm_layer *l, const dnbn_part *pt, const float *in)
+/* A pass over l reading `in` and touching `tensors` activation tensors in
+ * all: the partition and everything its units share. */
+static pass make_pass(batchnorm_layer *l, const dnbn_part *pt, const float *in, int tensors)
 {
-    pass p = {l, dnbn_rows_active(), pt, in, streams(l), l->x == in ? NULL : l->x, (double)pt->m, {NULL, NULL}};
+    pass p = {l, dnbn_rows_active(), pt, in, streams(l, tensors), l->x == in ? NULL : l->x, (double)pt->m,
+              {NULL, NULL}};
     return p;
 }
 
@@ -285,7 +287,7 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = make_pass(l, &pt, net.input);
+    pass p = make_pass(l, &pt, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2);
     if (spatial == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
@@ -335,7 +337,7 @@ int batchnorm_layer_fill_x_norm(batchnorm_layer *l)
     /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
      * treat the tensor as (batch, filters, 1) through the generic partition. */
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, NULL);
+    pass p = make_pass(l, &pt, NULL, 2);
     dnbn_map_units(&pt, fill_unit, &p);
     return DNBN_OK;
 }
@@ -485,7 +487,7 @@ int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
     if (!l || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, delta_in);
+    pass p = make_pass(l, &pt, delta_in, 3);
     if (l->out_h * l->out_w == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, backward_tile, &p);
@@ -517,7 +519,7 @@ int batchnorm_layer_forward_moments(batchnorm_layer *l, float *input, double cou
     if (!l || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = make_pass(l, &pt, input);
+    pass p = make_pass(l, &pt, input, 3 + (l->keep_x_norm != 0));
     for (idx_t f = 0; f < l->out_c; f++) {
         double acc[3] = {count, mean[f], m2[f]};
         finish_stats(&p, f, acc);
@@ -538,7 +540,7 @@ int batchnorm_layer_backward_sums(batchnorm_layer *l, float *delta_in, double *s
     if (!l || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, delta_in);
+    pass p = make_pass(l, &pt, delta_in, 3);
     p.sums[0] = sum_dy;
     p.sums[1] = sum_dy_dev;
     if (l->out_h * l->out_w == 1) {
@@ -557,7 +559,7 @@ int batchnorm_layer_backward_apply(batchnorm_layer *l, float *delta_in, double c
     if (!l || !delta_in || !sum_dy || !sum_dy_dev || !(count >= 1)) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, delta_in);
+    pass p = make_pass(l, &pt, delta_in, 3);
     p.count = count;
     for (idx_t f = 0; f < l->out_c; f++) {
         double acc[3] = {sum_dy[f], sum_dy_dev[f], 0};

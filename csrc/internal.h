@@ -25,10 +25,12 @@ typedef int64_t idx_t;
 #define DARKNET_EPS_FORWARD 0.000001
 #define DARKNET_EPS_BACKWARD 0.00001
 
-/* Tensors of at least this many bytes are written with non-temporal stores
- * by the layer (they would not stay in cache until the next pass anyway). */
+/* A layer pass that touches at least this many bytes (all the tensors it
+ * reads and writes) writes with non-temporal stores: its data would not stay
+ * in a last-level cache of typical size until the next pass anyway, and
+ * below that, keeping the output in cache is worth more. */
 #ifndef DNBN_STREAM_MB
-#define DNBN_STREAM_MB 8
+#define DNBN_STREAM_MB 24
 #endif
 #define DNBN_STREAM_BYTES ((idx_t)DNBN_STREAM_MB << 20)
 

@@ -15,7 +15,7 @@
 
 /* Below this many element operations per thread a call stays on one thread:
  * creating a thread costs about as much as touching this many floats. */
-#define MIN_WORK_PER_THREAD ((idx_t)1 << 16)
+#define MIN_WORK_PER_THREAD ((idx_t)1 << 17)
 
 static atomic_int num_threads; /* 0 until first read: then the default */
 
