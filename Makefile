@@ -1,11 +1,16 @@
 # darknet_bn - build, test, benchmark, demo.
 #
-#   make          build/libdarknet_bn.so, build/libdarknet_bn.a, build/bench_batchnorm
+#   make          build/libdarknet_bn.so, build/libdarknet_bn.a, build/bench_batchnorm,
+#                 build/tiny_net
 #   make test     C tests (plain, under ASan+UBSan, under valgrind), then a virtual
 #                 environment (.venv) with the package and its extras, then pytest
 #   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
 #   make bench    the Python benchmark against PyTorch, NumPy and the reference path
 #   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)
+#   make install  the C library, its header and darknet_bn.pc under PREFIX (default /usr/local;
+#                 DESTDIR is honoured); make uninstall removes them
+#   make dist-check  sdist and wheel (python -m build), then pip install of the sdist into a
+#                 fresh virtual environment and a smoke test there
 #
 # The library's compiler flags live in csrc/cflags.txt, shared with the cffi
 # build (darknet_bn/_ffi_build.py); the Makefile adds -Werror for its own builds.
@@ -23,9 +28,9 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: all lib test ctest sanitize valgrind pytest venv demo bench bench-c clean
+.PHONY: all lib test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
 
-all: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a $(BUILD)/bench_batchnorm
+all: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a $(BUILD)/bench_batchnorm $(BUILD)/tiny_net
 
 lib: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a
 
@@ -49,8 +54,12 @@ $(BUILD)/test_darknet_bn: $(wildcard tests/c/*.c tests/c/*.h) $(BUILD)/libdarkne
 $(BUILD)/c_example: examples/c_example.c $(BUILD)/libdarknet_bn.a
 	$(CC) $(CFLAGS_LIB) -Icsrc $< $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
 
-ctest: $(BUILD)/test_darknet_bn $(BUILD)/c_example
+$(BUILD)/tiny_net: examples/tiny_net.c $(BUILD)/libdarknet_bn.a
+	$(CC) $(CFLAGS_LIB) -Icsrc $< $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
+
+ctest: $(BUILD)/test_darknet_bn $(BUILD)/c_example $(BUILD)/tiny_net
 	$(BUILD)/c_example
+	$(BUILD)/tiny_net
 	$(BUILD)/test_darknet_bn
 
 # The C tests again under AddressSanitizer + UndefinedBehaviorSanitizer, and
@@ -81,7 +90,11 @@ venv: $(VENV)/.installed
 pytest: venv
 	$(VPY) -m pytest tests -q
 
-test: all ctest sanitize valgrind pytest
+# Tools the Python tests use (tests/test_install.py runs pkg-config), installed when missing.
+tools:
+	command -v pkg-config >/dev/null || (apt-get update -qq && apt-get install -y -qq pkg-config)
+
+test: all ctest sanitize valgrind tools pytest
 
 demo: venv
 	$(VPY) -m darknet_bn.demo $(DEMO_ARGS)
@@ -91,6 +104,52 @@ bench: venv
 
 bench-c: $(BUILD)/bench_batchnorm
 	$(BUILD)/bench_batchnorm $(BENCH_C_ARGS)
+
+# Installation of the C library: lib/libdarknet_bn.{a,so}, include/darknet_bn.h and
+# lib/pkgconfig/darknet_bn.pc (from darknet_bn.pc.in, with the prefix and the version), so that
+#   cc prog.c $(pkg-config --cflags --libs darknet_bn)
+# builds a program against it (PKG_CONFIG_PATH=$(PREFIX)/lib/pkgconfig for a non-system prefix;
+# at run time such a program needs -Wl,-rpath,<libdir>, LD_LIBRARY_PATH, or the static archive).
+# For the default prefix, on the loader's path, install refreshes the loader's cache (ldconfig).
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+INSTALL ?= install
+VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
+# Paths under the prefix are written as $${prefix}/... so a moved tree can be fixed with --define-prefix.
+PC_LIBDIR = $(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))
+PC_INCLUDEDIR = $(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))
+
+install: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a darknet_bn.pc.in
+	$(INSTALL) -d "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(INCLUDEDIR)" "$(DESTDIR)$(PKGCONFIGDIR)"
+	$(INSTALL) -m 644 $(BUILD)/libdarknet_bn.a "$(DESTDIR)$(LIBDIR)/libdarknet_bn.a"
+	$(INSTALL) -m 755 $(BUILD)/libdarknet_bn.so "$(DESTDIR)$(LIBDIR)/libdarknet_bn.so"
+	$(INSTALL) -m 644 csrc/darknet_bn.h "$(DESTDIR)$(INCLUDEDIR)/darknet_bn.h"
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(PC_LIBDIR)|g' -e 's|@INCLUDEDIR@|$(PC_INCLUDEDIR)|g' \
+		-e 's|@VERSION@|$(VERSION)|g' darknet_bn.pc.in > "$(DESTDIR)$(PKGCONFIGDIR)/darknet_bn.pc"
+	chmod 644 "$(DESTDIR)$(PKGCONFIGDIR)/darknet_bn.pc"
+	@if [ -z "$(DESTDIR)" ] && [ "$(LIBDIR)" = /usr/local/lib ] && command -v ldconfig >/dev/null; then \
+		ldconfig 2>/dev/null || true; fi
+
+uninstall:
+	rm -f "$(DESTDIR)$(LIBDIR)/libdarknet_bn.a" "$(DESTDIR)$(LIBDIR)/libdarknet_bn.so" \
+		"$(DESTDIR)$(INCLUDEDIR)/darknet_bn.h" "$(DESTDIR)$(PKGCONFIGDIR)/darknet_bn.pc"
+
+# The Python distributions: an sdist and a wheel built from it (python -m build, isolated),
+# then the sdist pip-installed into a fresh virtual environment, where the extension is
+# compiled from the sdist's csrc/, and a smoke test run there. Needs the package registry.
+DIST := $(BUILD)/dist
+dist-check: venv
+	rm -rf $(DIST) $(BUILD)/dist-venv
+	$(VPY) -m pip install --quiet build
+	$(VPY) -m build --outdir $(DIST) .
+	$(PYTHON) -m venv $(BUILD)/dist-venv
+	$(BUILD)/dist-venv/bin/python -m pip install --quiet $(DIST)/darknet_bn-$(VERSION).tar.gz
+	cd $(BUILD) && dist-venv/bin/python -c "import numpy as np, darknet_bn; \
+		l = darknet_bn.BatchNormLayer(4, 2, 2, 3); y = l.forward(np.arange(48, dtype=np.float32).reshape(4, 3, 2, 2)); \
+		assert abs(float(y.mean())) < 1e-5, y.mean(); print('dist-check ok:', darknet_bn.__file__, darknet_bn.info())"
+	cd $(BUILD) && dist-venv/bin/python -m darknet_bn info
 
 clean:
 	rm -rf $(BUILD) darknet_bn/_darknet_bn*.so darknet_bn/_darknet_bn.c darknet_bn/_darknet_bn.o *.egg-info

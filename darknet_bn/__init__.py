@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from . import kernels
 from ._threads import get_num_threads, info, set_num_threads
-from .errors import AllocationError, ArgumentError, ArgumentTypeError, DarknetBNError, LayerStateError
+from .errors import (
+    AllocationError,
+    ArgumentError,
+    ArgumentTypeError,
+    DarknetBNError,
+    LayerStateError,
+    WeightsError,
+)
 from .layer import BatchNormLayer
 
 __version__ = "0.1.0"
@@ -29,5 +36,6 @@ __all__ = [
     "ArgumentTypeError",
     "LayerStateError",
     "AllocationError",
+    "WeightsError",
     "__version__",
 ]

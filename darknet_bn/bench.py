@@ -26,6 +26,18 @@ call loops it enough times to last ``--min-time``. Reported figures are
 medians of the samples, as time per call. Before timing, the peers' results
 are compared ("peers agree: max |diff| = ...") so the comparison is fair.
 
+With torch, a last section times a whole CNN training step (``--cnn-input``,
+default 16x3x64x64: three conv3x3 + BatchNorm2d + ReLU blocks of 32, 64, 64
+channels with 2x2 max pooling between them, global average pooling, a linear
+layer, cross-entropy, SGD with momentum): the model with ``torch.nn.BatchNorm2d``
+against the same model after ``darknet_bn.torch.convert_model``, same weights,
+data and thread count (darknet_bn's and torch's), steps interleaved, medians.
+Its ratio is torch's step time over the converted model's. ``--no-cnn`` skips it.
+With several threads the converted model's batch norms run on darknet_bn's own
+threads while torch's OpenMP workers may still spin-wait from the previous
+torch op (libgomp's default); ``OMP_WAIT_POLICY=PASSIVE`` (set before starting
+Python) stops that at some cost to torch's own ops. The JSON records it.
+
 Writes ``bench.json`` (machine, configuration, every sample), ``bench.txt``
 (the terminal table) and ``bench.png`` (speedup over PyTorch per shape) into
 ``--out``. Needs the ``bench`` extra (matplotlib for the chart, tqdm for the
@@ -34,6 +46,7 @@ progress bar); without them it still runs and writes the JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -548,6 +561,163 @@ def bench_cell(
     return cell
 
 
+# --------------------------------------------------------------------------- CNN training step
+
+#: The CNN row's default input (batch, channels, h, w), its blocks' channels and its classes.
+CNN_INPUT: Shape = (16, 3, 64, 64)
+CNN_CHANNELS: Tuple[int, ...] = (32, 64, 64)
+CNN_CLASSES = 10
+CNN_LR = 0.01
+#: Training steps compared (losses) before timing.
+CNN_CHECK_STEPS = 3
+#: (JSON key, table label) of the two CNN peers; ratios are the first's time over the second's.
+CNN_PEERS: Tuple[Tuple[str, str], ...] = (("torch", "torch.nn.BatchNorm2d"),
+                                          ("darknet_bn", "darknet_bn.torch.BatchNorm2d"))
+
+
+def cnn_description(input_shape: Sequence[int], channels: Sequence[int] = CNN_CHANNELS) -> str:
+    blocks = "/".join(str(c) for c in channels)
+    return (f"{shape_label(input_shape)} input, {len(channels)} conv3x3+BN+ReLU blocks ({blocks} channels, "
+            f"2x2 max pool between), global avg pool, linear, cross-entropy, SGD momentum 0.9")
+
+
+def make_cnn(torch: Any, in_channels: int, channels: Sequence[int] = CNN_CHANNELS,
+             classes: int = CNN_CLASSES) -> Any:
+    """The benchmark's small CNN with ``torch.nn.BatchNorm2d`` (random weights from torch's generator)."""
+    nn = torch.nn
+    layers: List[Any] = []
+    c_in = in_channels
+    for i, c in enumerate(channels):
+        layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        if i < len(channels) - 1:
+            layers.append(nn.MaxPool2d(2))
+        c_in = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+    return nn.Sequential(*layers)
+
+
+class CnnPeer:
+    """One model of the CNN row with its own SGD optimizer, training on a fixed batch."""
+
+    def __init__(self, torch: Any, model: Any, x: Any, target: Any, name: str, label: str) -> None:
+        self.torch, self.model, self.x, self.target = torch, model, x, target
+        self.name, self.label = name, label
+        self.opt = torch.optim.SGD(model.parameters(), lr=CNN_LR, momentum=0.9)
+        self.loss: Any = None
+
+    def step(self) -> None:
+        """One full training step: forward, loss, backward, optimizer step."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.target)
+        loss.backward()
+        self.opt.step()
+        self.loss = loss
+
+
+def make_cnn_peers(torch: Any, input_shape: Shape, seed: int = 0) -> List[CnnPeer]:
+    """The torch model and its darknet_bn conversion, same initial weights, same data."""
+    from darknet_bn.torch import convert_model
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = make_cnn(torch, input_shape[1])
+    x = torch.randn(input_shape, generator=gen)
+    target = torch.randint(0, CNN_CLASSES, (input_shape[0],), generator=gen)
+    models = [copy.deepcopy(base), convert_model(copy.deepcopy(base))]
+    return [CnnPeer(torch, m, x, target, name, label) for m, (name, label) in zip(models, CNN_PEERS)]
+
+
+def bench_cnn(
+    torch: Any,
+    input_shape: Shape,
+    threads_list: Sequence[int],
+    reps: Optional[int],
+    min_time: float,
+    budget: float,
+    max_reps: int,
+    progress: Callable[[float, str], None],
+) -> Dict[str, Any]:
+    """Time a CNN training step with torch's batch norm and with darknet_bn's, at each thread count.
+
+    First both models take ``CNN_CHECK_STEPS`` steps from the same weights and
+    their losses are compared (relative difference <= AGREE_TOL). Then, per
+    thread count: a warm-up, the inner loop count, and ``reps`` samples
+    interleaved across the two models (``reps`` None: from ``budget``).
+    """
+    peers = make_cnn_peers(torch, input_shape)
+    set_threads(max(threads_list), torch)
+    losses: Dict[str, List[float]] = {p.name: [] for p in peers}
+    for _ in range(CNN_CHECK_STEPS):
+        for p in peers:
+            p.step()
+            losses[p.name].append(p.loss.item())
+    base, other = (losses[name] for name, _ in CNN_PEERS)
+    worst = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(base, other))
+    agreement = {"losses": losses, "max_rel_diff": worst, "agree": bool(worst <= AGREE_TOL),
+                 "tolerance": AGREE_TOL}
+    results = []
+    for threads in threads_list:
+        set_threads(threads, torch)
+        label = f"CNN {shape_label(input_shape)} @{threads}t"
+        inner: Dict[str, int] = {}
+        one_rep = 0.0
+        for p in peers:
+            p.step()
+            inner[p.name] = calibrate(p.step, min_time)
+            one_rep += _timed(p.step, inner[p.name]) * inner[p.name]
+        progress(0.2, f"{label} warm")
+        n_reps = reps if reps is not None else int(min(max_reps, max(3, budget // max(one_rep, 1e-9))))
+        samples: Dict[str, List[float]] = {p.name: [] for p in peers}
+        for r in range(n_reps):
+            for p in peers:
+                time.sleep(SETTLE_S)
+                samples[p.name].append(_timed(p.step, inner[p.name]))
+            progress(0.8 / n_reps, f"{label} rep {r + 1}/{n_reps}")
+        med = {name: statistics.median(v) for name, v in samples.items()}
+        dn = med[CNN_PEERS[-1][0]]
+        results.append({
+            "threads": threads,
+            "darknet_bn_threads": darknet_bn.get_num_threads(),
+            "torch_threads": torch.get_num_threads(),
+            "reps": n_reps,
+            "peers": {
+                p.name: {"label": p.label, "step_s": med[p.name], "samples": samples[p.name],
+                         "inner": inner[p.name], "ratio": med[p.name] / dn}
+                for p in peers
+            },
+        })
+    return {
+        "input": list(input_shape),
+        "channels": list(CNN_CHANNELS),
+        "classes": CNN_CLASSES,
+        "model": cnn_description(input_shape),
+        "baseline": CNN_PEERS[-1][0],
+        "openmp_env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")},
+        "agreement": agreement,
+        "results": results,
+    }
+
+
+def cnn_table(cnn: Dict[str, Any]) -> str:
+    """The CNN row's table: per thread count, each model's median step time and the ratio."""
+    lines = [f"== CNN training step ({cnn['model']}) =="]
+    lines.append(f"{'threads':<8} " + " ".join(f"{label:>30}" for _, label in CNN_PEERS) + f" {'ratio':>8}")
+    for res in cnn["results"]:
+        times = " ".join(f"{fmt_time(res['peers'][name]['step_s']):>30}" for name, _ in CNN_PEERS)
+        ratio = res["peers"][CNN_PEERS[0][0]]["ratio"]
+        lines.append(f"{res['threads']:<8} {times} {ratio:7.2f}x")
+    agr = cnn["agreement"]
+    lines.append(f"Median time per step ({cnn['results'][0]['reps']} reps). ratio = torch.nn.BatchNorm2d step time")
+    lines.append("/ the converted model's: above 1x the darknet_bn model trains faster. Convolutions, pooling and")
+    lines.append("the optimizer are torch's in both models. With several threads, darknet_bn's threads (started")
+    lines.append("per call) share the cores with torch's OpenMP workers, which spin-wait after each torch op")
+    lines.append(f"(OMP_WAIT_POLICY={cnn['openmp_env'].get('OMP_WAIT_POLICY') or 'unset'}).")
+    lines.append(f"Losses of the first {len(agr['losses'][CNN_PEERS[0][0]])} steps agree to a relative "
+                 f"{agr['max_rel_diff']:.1e} (tolerance {agr['tolerance']:g}).")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -723,6 +893,14 @@ def parse_shape(text: str) -> Shape:
     return vals  # type: ignore[return-value]
 
 
+def parse_cnn_input(text: str) -> Shape:
+    """``"16x3x64x64"`` -> (16, 3, 64, 64); h and w must be >= 4 (two 2x2 poolings)."""
+    shape = parse_shape(text)
+    if shape[2] < 4 or shape[3] < 4:
+        raise argparse.ArgumentTypeError(f"CNN input {text!r} must be at least 4x4 (two 2x2 poolings)")
+    return shape
+
+
 def build_parser() -> argparse.ArgumentParser:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     p = argparse.ArgumentParser(
@@ -740,6 +918,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small shapes only and fewer repetitions")
     p.add_argument("--out", default=os.path.join("results", "bench"), help="output directory (default: %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
+    p.add_argument("--cnn-input", type=parse_cnn_input, default=CNN_INPUT, metavar="BxCxHxW",
+                   help="input of the CNN training-step row (default: 16x3x64x64; needs torch)")
+    p.add_argument("--no-cnn", action="store_true", help="skip the CNN training-step row")
     p.add_argument("--min-time", type=float, default=None,
                    help="least seconds per sample; fast calls are looped (default 0.005, 0.002 with --quick)")
     p.add_argument("--budget", type=float, default=None,
@@ -799,7 +980,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    n_cells = len(shapes) * len(threads_list)
+    run_cnn = torch is not None and not args.no_cnn
+    n_cells = len(shapes) * len(threads_list) + (len(threads_list) if run_cnn else 0)
     bar = None
     if tqdm is not None and not args.no_progress:
         bar = tqdm(total=n_cells, file=sys.stderr, unit="cell", dynamic_ncols=True,
@@ -826,6 +1008,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cells.append(bench_cell(peers, n, torch, bandwidth[n], args.reps, min_time, budget, max_reps,
                                         progress))
             del peers
+        cnn = (bench_cnn(torch, args.cnn_input, threads_list, args.reps, min_time, budget, max_reps, progress)
+               if run_cnn else None)
     finally:
         if bar is not None:
             bar.close()
@@ -834,12 +1018,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.set_num_threads(old_torch_threads)
 
     text = table(cells)
+    if cnn is not None:
+        text += "\n\n" + cnn_table(cnn)
     print()
     print(text)
     all_agree = check["agree"] and all(c["agree"] for c in shape_checks)
     worst_shape = max((c["max_scaled_diff"] for c in shape_checks), default=0.0)
     if not all(c["agree"] for c in shape_checks):
         print(f"PEERS DISAGREE on a benchmark shape: max |diff| = {worst_shape:.2e}", file=sys.stderr)
+    if cnn is not None and not cnn["agreement"]["agree"]:
+        print(f"CNN LOSSES DISAGREE: max relative diff {cnn['agreement']['max_rel_diff']:.2e}", file=sys.stderr)
+        all_agree = False
 
     os.makedirs(args.out, exist_ok=True)
     wall = time.perf_counter() - start
@@ -856,10 +1045,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "budget_s": budget,
             "passes": list(PASSES),
             "roofline_floats_per_value": ROOF_FLOATS,
+            "cnn_input": list(args.cnn_input) if run_cnn else None,
         },
         "agreement": {"check": check, "shapes": shape_checks, "agree": all_agree},
         "copy_bandwidth": {str(n): bw for n, bw in bandwidth.items()},
         "results": cells,
+        "cnn": cnn,
         "wall_time_s": None,
     }
     png = plot(cells, os.path.join(args.out, "bench.png"))

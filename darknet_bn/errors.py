@@ -27,6 +27,10 @@ class AllocationError(DarknetBNError, MemoryError):
     """The C library could not allocate memory."""
 
 
+class WeightsError(DarknetBNError, ValueError):
+    """A Darknet weights block could not be read: the file ended before the block did."""
+
+
 # C status codes (csrc/darknet_bn.h).
 OK = 0
 ERR_ARG = 1

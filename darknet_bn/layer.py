@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import errno
 import weakref
-from typing import Any, Optional, Tuple
+from typing import Any, BinaryIO, Optional, Tuple
 
 import numpy as np
 
 from . import _validate
+from . import fold as _fold
+from . import weights as _weights
 from ._lib import check, ffi, floats, lib
 from .errors import AllocationError, ArgumentError, ArgumentTypeError, LayerStateError
 
@@ -242,6 +244,72 @@ class BatchNormLayer:
         mom = _validate.real(momentum, "momentum")
         dec = _validate.real(decay, "decay")
         check(lib.update_batchnorm_layer(self._layer, lr, mom, dec), "update")
+
+    def load_weights(self, f: BinaryIO, layout: str = "batchnorm") -> None:
+        """Read this layer's block of a Darknet ``.weights`` file from ``f`` at its current position.
+
+        Args:
+            f: a binary file object (``readinto`` or ``read``), e.g.
+                ``open(path, "rb")`` or ``io.BytesIO``; left just after the block.
+            layout: ``"batchnorm"`` (a standalone ``[batchnorm]`` layer: scales,
+                rolling_mean, rolling_variance) or ``"convolutional"`` (the
+                batch-norm part of a ``[convolutional]`` layer: biases, scales,
+                rolling_mean, rolling_variance). Each array is c little-endian
+                float32 values (see :mod:`darknet_bn.weights`).
+
+        Raises:
+            ArgumentTypeError: f is not a binary file object; layout is not a str.
+            ArgumentError: unknown layout.
+            WeightsError: the file ended inside the block (the message names the
+                short array). The layer is unchanged, and a seekable file is put
+                back at the position it had.
+        """
+        arrays = _weights.read_block(f, self.c, layout)  # everything read before anything is assigned
+        for name, values in arrays.items():
+            np.copyto(self._views[name], values)
+
+    def save_weights(self, f: BinaryIO, layout: str = "batchnorm") -> None:
+        """Write this layer's block of a Darknet ``.weights`` file to ``f`` at its current position.
+
+        The inverse of :meth:`load_weights` (same ``layout`` values), byte for
+        byte: a block loaded and saved again is identical.
+
+        Raises:
+            ArgumentTypeError: f is not a binary file object; layout is not a str.
+            ArgumentError: unknown layout.
+            OSError: the file refused the write.
+        """
+        names = _weights.fields(layout)
+        _weights.write_block(f, {name: self._views[name] for name in names}, layout)
+
+    def fold_into(self, weights: np.ndarray, biases: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Fold this layer's inference into the preceding layer: return ``(weights', biases')``.
+
+        For the convolution or fully connected layer in front of this one,
+        with ``weights`` of shape (c, ...) (output channels first: (c, c_in,
+        kh, kw) or (c, n_in)) and ``biases`` of shape (c,) (None: no biases),
+        the returned float32 arrays make that layer alone compute what it
+        followed by ``forward(..., train=False)`` computes, in this layer's
+        numerics: ``weights'[o] = s[o]*weights[o]``, ``biases'[o] =
+        s[o]*(biases[o] - rolling_mean[o]) + self.biases[o]``, ``s = scales /
+        (sqrt(rolling_variance) + 1e-6)`` (darknet) or ``scales /
+        sqrt(rolling_variance + eps)`` (standard). Computed in float64,
+        rounded once; the inputs and the layer are not modified.
+
+        Raises:
+            ArgumentTypeError: weights or biases is not an array of real numbers.
+            ArgumentError: weights.shape[0] or biases.shape is not the layer's c.
+        """
+        return _fold.fold_batchnorm(
+            weights,
+            biases,
+            scales=self._views["scales"],
+            bn_biases=self._views["biases"],
+            rolling_mean=self._views["rolling_mean"],
+            rolling_variance=self._views["rolling_variance"],
+            numerics=self._numerics,
+            eps=self.eps,
+        )
 
     output = _buffer_property("output", "y of the last forward, (batch, c, h, w).")
     delta = _buffer_property("delta", "-dLoss/dy before backward, -dLoss/dx after it, (batch, c, h, w).")

@@ -1,0 +1,109 @@
+"""Folding a batch-norm layer into the layer before it, for inference.
+
+In inference a batch-norm layer is an affine map per channel o,
+``y = s[o]·(z − rolling_mean[o]) + β[o]``, with
+
+- darknet numerics: ``s = γ / (sqrt(rolling_variance) + 1e−6)`` (Darknet's
+  epsilon outside the root),
+- standard numerics: ``s = γ / sqrt(rolling_variance + eps)``.
+
+When ``z`` is the output of a convolution or a fully connected layer,
+``z[o] = W[o]·x + b[o]``, the two compose into one layer of the same kind:
+``W'[o] = s[o]·W[o]`` and ``b'[o] = s[o]·(b[o] − rolling_mean[o]) + β[o]``.
+:func:`fold_batchnorm` computes ``W'`` and ``b'`` in float64 and rounds them
+once to float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from .errors import ArgumentError, ArgumentTypeError
+
+__all__ = ["DARKNET_FORWARD_EPS", "fold_batchnorm", "inference_scale"]
+
+#: Darknet's epsilon of the forward pass, added after the square root.
+DARKNET_FORWARD_EPS = 1e-6
+
+
+def _real_array(value: Any, name: str) -> np.ndarray:
+    if value is None:
+        raise ArgumentTypeError(f"{name} must be an array of real numbers, got None")
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "fiu":
+        raise ArgumentTypeError(f"{name} must be an array of real numbers, got dtype {arr.dtype}")
+    return arr
+
+
+def inference_scale(
+    scales: np.ndarray, rolling_variance: np.ndarray, numerics: str = "darknet", eps: float = 1e-5
+) -> np.ndarray:
+    """Return ``s``, the per-channel factor of inference, in float64.
+
+    ``γ / (sqrt(rolling_variance) + 1e−6)`` for ``numerics="darknet"``,
+    ``γ / sqrt(rolling_variance + eps)`` for ``"standard"``. A negative
+    variance gives NaN, as inference itself does.
+    """
+    gamma = np.asarray(scales, dtype=np.float64)
+    var = np.asarray(rolling_variance, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if numerics == "darknet":
+            return gamma / (np.sqrt(var) + DARKNET_FORWARD_EPS)
+        if numerics == "standard":
+            return gamma / np.sqrt(var + float(eps))
+    raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
+
+
+def fold_batchnorm(
+    weights: Any,
+    biases: Optional[Any],
+    *,
+    scales: np.ndarray,
+    bn_biases: np.ndarray,
+    rolling_mean: np.ndarray,
+    rolling_variance: np.ndarray,
+    numerics: str = "darknet",
+    eps: float = 1e-5,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Fold inference batch norm into the preceding layer's ``weights`` and ``biases``.
+
+    Args:
+        weights: the preceding layer's weights, output channels first: shape
+            (c, ...), e.g. (c_out, c_in, kh, kw) for a convolution (Darknet's
+            order) or (c_out, n_in) for a fully connected layer. Any real dtype.
+        biases: its biases, shape (c,), or None for a layer without them
+            (treated as zeros; Darknet's convolutions with ``batch_normalize``
+            have none of their own).
+        scales, bn_biases, rolling_mean, rolling_variance: the batch-norm
+            layer's γ, β and running statistics, shape (c,).
+        numerics: ``"darknet"`` or ``"standard"``; ``eps`` is standard's epsilon.
+
+    Returns:
+        ``(weights', biases')``: new float32 arrays of shapes ``weights.shape``
+        and (c,), computed in float64 and rounded once.
+
+    Raises:
+        ArgumentTypeError: weights or biases is not an array of real numbers.
+        ArgumentError: a shape does not match c.
+    """
+    c = int(np.shape(scales)[0])
+    w = _real_array(weights, "weights")
+    if w.ndim < 1 or w.shape[0] != c:
+        raise ArgumentError(
+            f"weights must have the layer's {c} channels as its first dimension, shape ({c}, ...), "
+            f"got {w.shape}"
+        )
+    if biases is None:
+        b = np.zeros(c, dtype=np.float64)
+    else:
+        b = _real_array(biases, "biases")
+        if b.shape != (c,):
+            raise ArgumentError(f"biases must have shape ({c},), got {b.shape}")
+    s = inference_scale(scales, rolling_variance, numerics, eps)
+    w64 = w.astype(np.float64) * s.reshape((c,) + (1,) * (w.ndim - 1))
+    b64 = (b.astype(np.float64) - np.asarray(rolling_mean, dtype=np.float64)) * s + np.asarray(
+        bn_biases, dtype=np.float64
+    )
+    with np.errstate(over="ignore"):
+        return w64.astype(np.float32), b64.astype(np.float32)

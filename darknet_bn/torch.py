@@ -1,0 +1,382 @@
+"""PyTorch modules computing batch normalization with darknet_bn's C kernels.
+
+>>> import torch, darknet_bn.torch as dbt
+>>> bn = dbt.BatchNorm2d(16)                 # same arguments as torch.nn.BatchNorm2d
+>>> y = bn(torch.randn(8, 16, 32, 32))
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+>>> model = dbt.convert_model(model)         # every BatchNorm1d/2d replaced, parameters kept
+
+:class:`BatchNorm1d` and :class:`BatchNorm2d` subclass ``torch.nn.BatchNorm1d``
+and ``torch.nn.BatchNorm2d``: same constructor arguments (``num_features, eps,
+momentum, affine, track_running_stats, device, dtype``), same parameters and
+buffers (``weight, bias, running_mean, running_var, num_batches_tracked``), so
+their ``state_dict`` s load into each other both ways, and ``isinstance(m,
+torch.nn.BatchNorm2d)`` still holds. Training and eval modes, ``momentum=None``
+(cumulative moving average) and ``track_running_stats=False`` behave as in
+PyTorch. :func:`batch_norm` is the matching functional, with the arguments of
+``torch.nn.functional.batch_norm``.
+
+How it computes. The C layer runs in standard numerics (SPEC §4: the paper's
+and PyTorch's arithmetic, exact gradients) through a ``torch.autograd.Function``
+that fills a fresh ``batchnorm_layer`` struct per call whose pointers are the
+tensors' own memory: the input is read in place (and kept for backward without
+a copy), the output and the gradients are new tensors written by C, the running
+statistics are updated in place in the module's buffers, ``weight.grad`` and
+``bias.grad`` come from the layer's ``scale_updates`` and ``bias_updates``.
+The C calls release the GIL and use darknet_bn's own threads
+(``darknet_bn.set_num_threads``), not PyTorch's.
+
+* Training (and eval without running statistics): batch statistics; forward
+  and backward are both the C layer's.
+* Eval with running statistics: the C layer's inference forward; its backward
+  (dx = dy * weight / sqrt(running_var + eps), dweight = sum dy * x_hat,
+  dbias = sum dy) is computed with a few PyTorch operations, because the C
+  layer's backward is the backward of a training forward.
+
+What goes to PyTorch's own ``torch.nn.functional.batch_norm`` instead (same
+results, PyTorch's speed): an input that is not a float32 CPU tensor (float64,
+half, bfloat16, CUDA, meta, ...), tensor subclasses and functorch/functional
+wrappers (``torch.func``, ``torch.compile``'s fake tensors), TorchScript
+scripting and tracing, parameters or running statistics that are not float32
+CPU tensors of ``num_features`` elements (or are non-contiguous), a momentum
+outside [0, 1] or an eps that is not positive in float32, sizes beyond a C
+``int``, empty inputs and training with fewer than 2 values per channel (PyTorch
+raises its own error for that).
+
+Memory formats: a contiguous input is used in place. Any other input
+(``channels_last``, a transposed or sliced view) is first copied to a
+contiguous tensor; a ``channels_last`` input gets a ``channels_last`` output,
+like PyTorch's. A non-contiguous gradient is copied to a contiguous one.
+
+Under ``torch.compile`` the layer is a graph break (``torch.compiler.disable``):
+it runs eagerly with the C kernels, the rest of the model is compiled.
+
+Not supported: double backward (``create_graph=True`` through the layer raises
+``RuntimeError``) and forward-mode AD; use ``torch.nn.BatchNorm2d`` for those.
+
+Importing this module needs PyTorch; ``import darknet_bn`` never imports it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch.autograd.function import once_differentiable
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "darknet_bn.torch needs PyTorch, which is not installed: "
+        "pip install 'darknet_bn[torch]' (or pip install torch)"
+    ) from exc
+
+import numpy as np
+
+from ._lib import check, ffi, lib
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm", "convert_model"]
+
+_INT_MAX = 2**31 - 1
+_SCRATCH = int(lib.BATCHNORM_SCRATCH_DOUBLES)
+_SC_INV = 1  # scratch row: [mean, 1/sqrt(var + eps), backward coefficients...] (csrc/batchnorm_layer.c)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_is_functional = getattr(torch, "_is_functional_tensor", None)
+
+
+def _fp(t: torch.Tensor) -> Any:
+    """A ``float *`` onto a contiguous float32 tensor's memory (the caller keeps ``t`` alive)."""
+    return ffi.cast("float *", t.data_ptr())
+
+
+def _dp(t: torch.Tensor) -> Any:
+    """A ``double *`` onto a contiguous float64 tensor's memory."""
+    return ffi.cast("double *", t.data_ptr())
+
+
+def _plain_cpu_f32(t: torch.Tensor) -> bool:
+    """A real tensor (not a subclass or wrapper) of float32 values in CPU memory, strided."""
+    if type(t) not in _PLAIN_TYPES or t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided:
+        return False
+    if _is_wrapped is not None and _is_wrapped(t):
+        return False
+    if _is_functional is not None and _is_functional(t):
+        return False
+    return True
+
+
+def _per_channel_ok(t: Optional[torch.Tensor], c: int) -> bool:
+    return t is None or (_plain_cpu_f32(t) and t.dim() == 1 and t.numel() == c and t.is_contiguous())
+
+
+def _dims(x: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(batch, channels, h, w) of an (N, C), (N, C, L) or (N, C, H, W, ...) input as the C layer sees it."""
+    n, c = x.shape[0], x.shape[1]
+    if x.dim() == 2:
+        return n, c, 1, 1
+    if x.dim() == 3:
+        return n, c, 1, x.shape[2]
+    return n, c, x.shape[2], math.prod(x.shape[3:])
+
+
+def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
+              momentum: Any, eps: Any) -> bool:
+    """Whether the C layer can compute this call (see the module docstring for what cannot)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if not isinstance(input, torch.Tensor) or not _plain_cpu_f32(input) or input.dim() < 2 or input.numel() == 0:
+        return False
+    n, c, h, w = _dims(input)
+    if n > _INT_MAX or c * h > _INT_MAX or c * h * w > _INT_MAX:
+        return False
+    if not all(_per_channel_ok(t, c) for t in (weight, bias, running_mean, running_var)):
+        return False
+    if (running_mean is None) != (running_var is None):
+        return False
+    if not training and running_mean is None:
+        return False  # PyTorch raises its own error
+    if training and n * h * w < 2:
+        return False  # PyTorch raises "Expected more than 1 value per channel when training"
+    if not isinstance(eps, (int, float)) or not 0.0 < np.float32(eps) < np.inf:
+        return False
+    if training and running_mean is not None:
+        if not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
+            return False
+    return True
+
+
+def _new_layer(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
+               rolling_mean: torch.Tensor, rolling_var: torch.Tensor, stats: torch.Tensor,
+               scratch: torch.Tensor, eps: float, momentum: float) -> Any:
+    """A caller-filled ``batchnorm_layer`` in standard numerics over the given tensors' memory.
+
+    ``stats`` holds mean, variance, mean_delta, variance_delta (4*C floats);
+    ``scratch`` BATCHNORM_SCRATCH_DOUBLES*C doubles. The numerics, eps and
+    momentum are set as fields: ``batchnorm_layer_set_numerics`` would reset
+    the running statistics, which here are the module's buffers.
+    """
+    n, c, h, w = _dims(x)
+    layer = ffi.new("batchnorm_layer *")
+    layer.batch, layer.out_c, layer.out_h, layer.out_w, layer.outputs = n, c, h, w, c * h * w
+    layer.output = _fp(out)
+    layer.x = _fp(x)  # the input itself: forward does not copy it
+    layer.x_norm = ffi.NULL  # never touched with keep_x_norm = 0
+    layer.delta = ffi.NULL  # set in backward
+    layer.scales, layer.biases = _fp(scales), _fp(biases)
+    layer.rolling_mean, layer.rolling_variance = _fp(rolling_mean), _fp(rolling_var)
+    layer.mean, layer.variance = _fp(stats[0]), _fp(stats[1])
+    layer.mean_delta, layer.variance_delta = _fp(stats[2]), _fp(stats[3])
+    layer.scale_updates = layer.bias_updates = ffi.NULL  # set in backward
+    layer.numerics = lib.DNBN_NUMERICS_STANDARD
+    layer.eps = eps
+    layer.momentum = momentum
+    layer.keep_x_norm = 0
+    layer.state = 0
+    layer.scratch = _dp(scratch)
+    layer.memory = ffi.NULL
+    return layer
+
+
+def _channel_shape(x: torch.Tensor) -> List[int]:
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """y = batch_norm(x) by the C layer; backward by the C layer (training) or torch ops (eval).
+
+    ``x`` is contiguous float32 on the CPU; the other tensors passed the checks
+    of :func:`_servable`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                momentum: float, eps: float) -> torch.Tensor:
+        c = x.shape[1]
+        scales = weight if weight is not None else torch.ones(c)
+        biases = bias if bias is not None else torch.zeros(c)
+        tracked = running_mean is not None and running_var is not None
+        rolling_mean = running_mean if tracked else torch.zeros(c)
+        rolling_var = running_var if tracked else torch.ones(c)
+        out = torch.empty(x.shape, dtype=torch.float32)
+        stats = torch.empty(4, c, dtype=torch.float32)
+        scratch = torch.empty(c * _SCRATCH, dtype=torch.float64)
+        layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, stats, scratch, float(eps),
+                           float(momentum) if training and tracked else 0.0)
+        net = ffi.new("batchnorm_network *", {"input": _fp(x), "delta": ffi.NULL, "train": 1 if training else 0})
+        check(lib.forward_batchnorm_layer(layer, net[0]), "darknet_bn.torch batch_norm forward")
+
+        ctx.training = bool(training)
+        ctx.save_for_backward(x, weight)
+        if training:
+            # Backward reads x, scales and the scratch (batch mean and normalizer)
+            # through the struct; it writes mean_delta and variance_delta.
+            ctx.layer, ctx.keep = layer, (scales, stats, scratch)
+        else:
+            # The statistics this forward used, as PyTorch keeps them for its backward.
+            ctx.mean = rolling_mean.clone()
+            ctx.invstd = torch.rsqrt(rolling_var.double() + float(eps)).float()
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w = need_w and weight is not None
+        if not (need_x or need_w or need_b):
+            return (None,) * 8
+        dy = dy.contiguous()
+        if ctx.training:
+            dx, dw, db = _train_backward(ctx, x, weight, dy, need_x)
+        else:
+            dx, dw, db = _eval_backward(ctx, x, weight, dy, need_x, need_w, need_b)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+                None, None, None, None, None)
+
+
+def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
+                    need_x: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The C layer's exact backward of its training forward: (dx or None, dweight, dbias)."""
+    layer = ctx.layer
+    scales, stats, scratch = ctx.keep
+    c = x.shape[1]
+    # The saved tensors are the ones forward pointed at (autograd checked their versions).
+    layer.x = _fp(x)
+    layer.scales = _fp(weight if weight is not None else scales)
+    if need_x:
+        dx = torch.empty(x.shape, dtype=torch.float32)
+        updates = torch.zeros(2, c, dtype=torch.float32)
+        layer.delta = _fp(dx)
+        layer.scale_updates, layer.bias_updates = _fp(updates[0]), _fp(updates[1])
+        try:
+            check(lib.backward_batchnorm_layer_from(layer, _fp(dy)), "darknet_bn.torch batch_norm backward")
+        finally:
+            layer.delta = layer.scale_updates = layer.bias_updates = ffi.NULL
+        return dx, updates[0], updates[1]
+    # Only the parameters' gradients: the sums phase alone (no pass writing dx).
+    sums = torch.empty(2, c, dtype=torch.float64)
+    check(lib.batchnorm_layer_backward_sums(layer, _fp(dy), _dp(sums[0]), _dp(sums[1])),
+          "darknet_bn.torch batch_norm backward")
+    inv = scratch.view(c, _SCRATCH)[:, _SC_INV]
+    return None, (sums[1] * inv).float(), sums[0].float()
+
+
+def _eval_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, need_x: bool,
+                   need_w: bool, need_b: bool) -> Tuple[Optional[torch.Tensor], ...]:
+    """The exact backward of the running-statistics forward, with torch operations."""
+    shape = _channel_shape(x)
+    dims = [0] + list(range(2, x.dim()))
+    invstd = ctx.invstd
+    dx = dw = db = None
+    if need_x:
+        a = invstd * weight if weight is not None else invstd
+        dx = dy * a.view(shape)
+    if need_w:
+        dw = torch.sum(dy * (x - ctx.mean.view(shape)), dims, dtype=torch.float64).float() * invstd
+    if need_b:
+        db = torch.sum(dy, dims, dtype=torch.float64).float()
+    return dx, dw, db
+
+
+@torch.compiler.disable
+def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+               weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """``torch.nn.functional.batch_norm`` computed by darknet_bn's C layer (same arguments, same results).
+
+    In training the running statistics (when given) are updated in place with
+    ``momentum``; without training they normalize. Calls the C layer cannot
+    serve go to ``torch.nn.functional.batch_norm`` (module docstring).
+    """
+    if not _servable(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.is_contiguous():
+        return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    channels_last = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)
+    out = _BatchNormFunction.apply(input.contiguous(), weight, bias, running_mean, running_var, training,
+                                   momentum, eps)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+class _DarknetBatchNorm:
+    """The forward of ``torch.nn.modules.batchnorm._BatchNorm``, with :func:`batch_norm` in place of PyTorch's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)  # type: ignore[attr-defined]
+        momentum = self.momentum  # type: ignore[attr-defined]
+        factor = 0.0 if momentum is None else momentum
+        if self.training and self.track_running_stats:  # type: ignore[attr-defined]
+            if self.num_batches_tracked is not None:  # type: ignore[attr-defined]
+                self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
+                factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum  # type: ignore
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = self.running_mean is None and self.running_var is None  # type: ignore[attr-defined]
+        use_buffers = not self.training or self.track_running_stats  # type: ignore[attr-defined]
+        return batch_norm(
+            input,
+            self.running_mean if use_buffers else None,  # type: ignore[attr-defined]
+            self.running_var if use_buffers else None,  # type: ignore[attr-defined]
+            self.weight,  # type: ignore[attr-defined]
+            self.bias,  # type: ignore[attr-defined]
+            bn_training,
+            factor,
+            self.eps,  # type: ignore[attr-defined]
+        )
+
+
+class BatchNorm1d(_DarknetBatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` over (N, C) or (N, C, L) inputs, computed by darknet_bn's C layer.
+
+    Same arguments, parameters, buffers and results as ``torch.nn.BatchNorm1d``;
+    see :mod:`darknet_bn.torch` for how it computes and what falls back to PyTorch.
+    """
+
+
+class BatchNorm2d(_DarknetBatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` over (N, C, H, W) inputs, computed by darknet_bn's C layer.
+
+    Same arguments, parameters, buffers and results as ``torch.nn.BatchNorm2d``;
+    see :mod:`darknet_bn.torch` for how it computes and what falls back to PyTorch.
+    """
+
+
+_REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d}
+
+
+def _convert_one(bn: torch.nn.Module) -> torch.nn.Module:
+    new = _REPLACEMENTS[type(bn)](bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                  device="meta")
+    # The very same Parameter and buffer tensors: optimizers built before the
+    # conversion keep working, and nothing is copied.
+    new.weight, new.bias = bn.weight, bn.bias
+    new.running_mean, new.running_var = bn.running_mean, bn.running_var
+    new.num_batches_tracked = bn.num_batches_tracked
+    new.train(bn.training)
+    for name in ("qconfig",):
+        if hasattr(bn, name):
+            setattr(new, name, getattr(bn, name))
+    return new
+
+
+def convert_model(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d`` and ``torch.nn.BatchNorm2d`` in ``module`` by darknet_bn's.
+
+    Works in place on ``module``'s children and returns the module (a new one
+    when ``module`` itself is a batch norm), like
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. The new modules hold the
+    same ``Parameter`` and buffer objects (so an optimizer created earlier still
+    updates them), the same hyperparameters and training mode. Only those two
+    exact classes are replaced: subclasses (``SyncBatchNorm``, lazy or custom
+    batch norms) and darknet_bn's own modules are left as they are.
+    """
+    if type(module) in _REPLACEMENTS:
+        return _convert_one(module)
+    for name, child in module.named_children():
+        new = convert_model(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
