@@ -1,14 +1,15 @@
 /*
  * internal.h - what the library's own sources share; not installed.
  *
- * Three pieces:
+ * Four pieces:
  *   - row primitives: the inner loops over one contiguous run of floats of one
- *     channel, compiled twice from rows.inc.h (portable and AVX2+FMA) and
- *     chosen once at run time;
+ *     channel (and their channel-vector twins for spatial == 1), compiled twice
+ *     from rows.inc.h (portable and AVX2+FMA) and chosen once at run time;
  *   - the channel partition: how a (batch, filters, spatial) tensor is cut into
- *     work units ("pieces": a channel, or a part of one when there are fewer
- *     channels than threads);
- *   - parallel_for: runs work units on the library's threads.
+ *     work units (groups of channels, or parts of a channel when there are
+ *     fewer channels than threads; tiles of channels when spatial == 1);
+ *   - parallel_for: runs work units on the library's threads;
+ *   - per-channel moments and the reduce/map drivers built on the above.
  */
 #ifndef DARKNET_BN_INTERNAL_H
 #define DARKNET_BN_INTERNAL_H
