@@ -28,7 +28,9 @@ enum { STATE_NONE = 0, STATE_INFERENCE = 1, STATE_TRAINING = 2 };
 /* Per-channel doubles kept from forward for backward (layer->scratch): the
  * batch mean and normalizer, then the coefficients of the input delta. */
 enum { SC_MEAN, SC_INV, SC_A, SC_B, SC_C, SC_WIDTH };
-_Static_assert(SC_WIDTH == BATCHNORM_SCRATCH_DOUBLES, "the header's scratch size");
+_Static_assert(SC_WIDTH == BATCHNORM_SCRATCH_DOUBLES && SC_MEAN == BATCHNORM_SCRATCH_MEAN &&
+                   SC_INV == BATCHNORM_SCRATCH_INV,
+               "the scratch layout the header documents");
 
 static void reset_running(batchnorm_layer *l)
 {

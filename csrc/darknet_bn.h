@@ -61,8 +61,13 @@ extern "C" {
 #define DNBN_NUMERICS_DARKNET 0
 #define DNBN_NUMERICS_STANDARD 1
 
-/* Doubles of per-channel work space a layer needs (times out_c). */
+/* Doubles of per-channel work space a layer needs (times out_c). Row f of
+ * l->scratch starts with the last training forward's batch mean (in double)
+ * and its normalizer (1/(sqrt(var) + 1e-6), or 1/sqrt(var + eps) in standard
+ * numerics); the rest is backward's. */
 #define BATCHNORM_SCRATCH_DOUBLES 5
+#define BATCHNORM_SCRATCH_MEAN 0
+#define BATCHNORM_SCRATCH_INV 1
 
 
 /* ===== 1. Darknet's kernels ==============================================

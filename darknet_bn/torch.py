@@ -24,7 +24,16 @@ a copy), the output and the gradients are new tensors written by C, the running
 statistics are updated in place in the module's buffers, ``weight.grad`` and
 ``bias.grad`` come from the layer's ``scale_updates`` and ``bias_updates``.
 The C calls release the GIL and use darknet_bn's own threads
-(``darknet_bn.set_num_threads``), not PyTorch's.
+(``darknet_bn.set_num_threads``, all cores by default), not PyTorch's.
+
+Threads. darknet_bn starts its threads per call; PyTorch's OpenMP workers
+(libgomp) keep spin-waiting for a while after each PyTorch operation. With
+several threads, a batch norm that follows a convolution therefore shares the
+cores with spinning workers and can be slower than PyTorch's own (the
+benchmark's CNN row shows it). Setting ``OMP_WAIT_POLICY=PASSIVE`` in the
+environment before Python starts removes the contention; so does
+``darknet_bn.set_num_threads(1)`` on small machines. Single-threaded, the C
+layer is faster than PyTorch's.
 
 * Training (and eval without running statistics): batch statistics; forward
   and backward are both the C layer's.
@@ -36,8 +45,8 @@ The C calls release the GIL and use darknet_bn's own threads
 What goes to PyTorch's own ``torch.nn.functional.batch_norm`` instead (same
 results, PyTorch's speed): an input that is not a float32 CPU tensor (float64,
 half, bfloat16, CUDA, meta, ...), tensor subclasses and functorch/functional
-wrappers (``torch.func``, ``torch.compile``'s fake tensors), TorchScript
-scripting and tracing, parameters or running statistics that are not float32
+wrappers (``torch.func``), TorchScript scripting and tracing, forward-mode
+AD (inside ``torch.autograd.forward_ad.dual_level()``), parameters or running statistics that are not float32
 CPU tensors of ``num_features`` elements (or are non-contiguous), a momentum
 outside [0, 1] or an eps that is not positive in float32, sizes beyond a C
 ``int``, empty inputs and training with fewer than 2 values per channel (PyTorch
@@ -52,7 +61,7 @@ Under ``torch.compile`` the layer is a graph break (``torch.compiler.disable``):
 it runs eagerly with the C kernels, the rest of the model is compiled.
 
 Not supported: double backward (``create_graph=True`` through the layer raises
-``RuntimeError``) and forward-mode AD; use ``torch.nn.BatchNorm2d`` for those.
+``RuntimeError``); use ``torch.nn.BatchNorm2d`` for that.
 
 Importing this module needs PyTorch; ``import darknet_bn`` never imports it.
 """
@@ -64,6 +73,7 @@ from typing import Any, List, Optional, Tuple
 try:
     import torch
     import torch.nn.functional as F
+    from torch.autograd import forward_ad as _forward_ad
     from torch.autograd.function import once_differentiable
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
@@ -79,7 +89,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm", "convert_model"]
 
 _INT_MAX = 2**31 - 1
 _SCRATCH = int(lib.BATCHNORM_SCRATCH_DOUBLES)
-_SC_INV = 1  # scratch row: [mean, 1/sqrt(var + eps), backward coefficients...] (csrc/batchnorm_layer.c)
+_SC_INV = int(lib.BATCHNORM_SCRATCH_INV)  # scratch row: [mean, normalizer, backward's] (csrc/darknet_bn.h)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _is_functional = getattr(torch, "_is_functional_tensor", None)
@@ -123,7 +133,7 @@ def _dims(x: torch.Tensor) -> Tuple[int, int, int, int]:
 def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
               momentum: Any, eps: Any) -> bool:
     """Whether the C layer can compute this call (see the module docstring for what cannot)."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or getattr(_forward_ad, "_current_level", -1) >= 0:
         return False
     if not isinstance(input, torch.Tensor) or not _plain_cpu_f32(input) or input.dim() < 2 or input.numel() == 0:
         return False
@@ -247,14 +257,16 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
     layer.scales = _fp(weight if weight is not None else scales)
     if need_x:
         dx = torch.empty(x.shape, dtype=torch.float32)
-        updates = torch.zeros(2, c, dtype=torch.float32)
+        # backward accumulates (+=) into the updates: they start at zero. Two
+        # tensors, not views of one, as they become weight.grad and bias.grad.
+        dw, db = torch.zeros(c), torch.zeros(c)
         layer.delta = _fp(dx)
-        layer.scale_updates, layer.bias_updates = _fp(updates[0]), _fp(updates[1])
+        layer.scale_updates, layer.bias_updates = _fp(dw), _fp(db)
         try:
             check(lib.backward_batchnorm_layer_from(layer, _fp(dy)), "darknet_bn.torch batch_norm backward")
         finally:
             layer.delta = layer.scale_updates = layer.bias_updates = ffi.NULL
-        return dx, updates[0], updates[1]
+        return dx, dw, db
     # Only the parameters' gradients: the sums phase alone (no pass writing dx).
     sums = torch.empty(2, c, dtype=torch.float64)
     check(lib.batchnorm_layer_backward_sums(layer, _fp(dy), _dp(sums[0]), _dp(sums[1])),
@@ -371,7 +383,8 @@ def convert_model(module: torch.nn.Module) -> torch.nn.Module:
     same ``Parameter`` and buffer objects (so an optimizer created earlier still
     updates them), the same hyperparameters and training mode. Only those two
     exact classes are replaced: subclasses (``SyncBatchNorm``, lazy or custom
-    batch norms) and darknet_bn's own modules are left as they are.
+    batch norms) and darknet_bn's own modules are left as they are. Hooks
+    registered on a replaced module are not carried over.
     """
     if type(module) in _REPLACEMENTS:
         return _convert_one(module)

@@ -13,7 +13,8 @@ import pytest
 import darknet_bn
 from darknet_bn import bench
 
-TINY = ["--shapes", "4x16x4x4", "--reps", "2", "--min-time", "0.0001", "--bandwidth-mb", "4", "--no-progress"]
+TINY = ["--shapes", "4x16x4x4", "--reps", "2", "--min-time", "0.0001", "--bandwidth-mb", "4", "--no-progress",
+        "--cnn-input", "4x3x8x8"]
 PASSES = ("train_step", "infer")
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -65,10 +66,34 @@ def _check_outputs(out_dir, threads, with_torch):
 
     text = (out_dir / "bench.txt").read_text()
     assert "darknet_bn standard" in text and "roofline" in text
+    _check_cnn(report, text, threads, with_torch)
     png = out_dir / "bench.png"
     if HAVE_MATPLOTLIB:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return report
+
+
+def _check_cnn(report, text, threads, with_torch):
+    """The CNN training-step row: present with torch (two models, medians, ratio), None without."""
+    cnn = report["cnn"]
+    if not with_torch:
+        assert cnn is None and report["config"]["cnn_input"] is None
+        assert "CNN training step" not in text
+        return
+    assert report["config"]["cnn_input"] == [4, 3, 8, 8]
+    assert cnn["input"] == [4, 3, 8, 8] and cnn["baseline"] == "darknet_bn"
+    agreement = cnn["agreement"]
+    assert agreement["agree"] is True and agreement["max_rel_diff"] <= agreement["tolerance"]
+    assert len(agreement["losses"]["torch"]) == len(agreement["losses"]["darknet_bn"]) == bench.CNN_CHECK_STEPS
+    assert [r["threads"] for r in cnn["results"]] == threads
+    for res in cnn["results"]:
+        assert res["reps"] == 2 and res["darknet_bn_threads"] == res["torch_threads"] == res["threads"]
+        assert set(res["peers"]) == {"torch", "darknet_bn"}
+        for name, peer in res["peers"].items():
+            assert _positive(peer["step_s"]) and len(peer["samples"]) == 2 and peer["inner"] >= 1, name
+            assert peer["step_s"] == pytest.approx(sum(peer["samples"]) / 2)
+            assert peer["ratio"] == pytest.approx(peer["step_s"] / res["peers"]["darknet_bn"]["step_s"])
+    assert "CNN training step" in text and "darknet_bn.torch.BatchNorm2d" in text
 
 
 def test_bench_without_torch(tmp_path, capsys):
@@ -96,7 +121,7 @@ def test_help_and_bad_arguments(capsys):
         bench.main(["--help"])
     assert exc.value.code == 0
     assert "--shapes" in capsys.readouterr().out
-    for bad in (["--shapes", "4x16x4"], ["--shapes", "1x16x1x1"], ["--shapes", "axbxcxd"]):
+    for bad in (["--shapes", "4x16x4"], ["--shapes", "1x16x1x1"], ["--shapes", "axbxcxd"], ["--cnn-input", "4x3x2x8"]):
         with pytest.raises(SystemExit) as exc:
             bench.main(bad)
         assert exc.value.code == 2
