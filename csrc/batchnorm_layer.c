@@ -298,7 +298,10 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
         return DNBN_OK;
     }
     if (!net.train) {
-        dnbn_map_units(&pt, infer_unit, &p);
+        if (spatial >= DNBN_ROW_ORDER_MIN_SPATIAL)
+            dnbn_map_rows(&pt, infer_run, &p);
+        else
+            dnbn_map_units(&pt, infer_unit, &p);
         l->state = STATE_INFERENCE;
         return DNBN_OK;
     }

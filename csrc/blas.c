@@ -270,6 +270,16 @@ static void map_unit(void *arg, idx_t unit)
     dnbn_for_runs(mk->c.pt, unit, mk->run, &mr);
 }
 
+/* One row in memory order: its channel's parameters, then the pass. */
+static void map_row(void *arg, idx_t f, idx_t offset, idx_t len)
+{
+    map_kernel *mk = arg;
+    tile_params tp;
+    mk->params(&mk->c, f, &tp, 0);
+    struct map_run mr = {&mk->c, &tp, f};
+    mk->run(&mr, f, offset, len);
+}
+
 static void run_map(map_kernel *mk, int batch, int filters, int spatial)
 {
     if (!sizes_ok(batch, filters, spatial)) return;
@@ -279,6 +289,10 @@ static void run_map(map_kernel *mk, int batch, int filters, int spatial)
     if (spatial == 1) {
         dnbn_tiles t = dnbn_tile_partition(batch, filters);
         dnbn_map_tiles(&t, map_tile, mk);
+        return;
+    }
+    if (spatial >= DNBN_ROW_ORDER_MIN_SPATIAL) {
+        dnbn_map_rows(&pt, map_row, mk);
         return;
     }
     dnbn_map_units(&pt, map_unit, mk);

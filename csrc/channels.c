@@ -135,6 +135,25 @@ void dnbn_map_units(const dnbn_part *pt, void (*unit)(void *ctx, idx_t unit), vo
     dnbn_parallel_for(dnbn_units(pt), pt->threads, map_range, &job);
 }
 
+typedef struct rows_job {
+    const dnbn_part *pt;
+    dnbn_run_fn fn;
+    void *ctx;
+} rows_job;
+
+static void rows_range(void *arg, idx_t lo, idx_t hi)
+{
+    rows_job *job = arg;
+    idx_t filters = job->pt->filters, spatial = job->pt->spatial;
+    for (idx_t r = lo; r < hi; r++) job->fn(job->ctx, r % filters, r * spatial, spatial);
+}
+
+void dnbn_map_rows(const dnbn_part *pt, dnbn_run_fn fn, void *ctx)
+{
+    rows_job job = {pt, fn, ctx};
+    dnbn_parallel_for(pt->batch * pt->filters, pt->threads, rows_range, &job);
+}
+
 /* ---- moments ---- */
 
 void dnbn_moments_merge(double a[3], const double b[3])

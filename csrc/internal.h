@@ -147,6 +147,13 @@ typedef struct dnbn_reduce {
 void dnbn_reduce_channels(const dnbn_part *pt, const dnbn_reduce *r);
 void dnbn_map_units(const dnbn_part *pt, void (*unit)(void *ctx, idx_t unit), void *ctx);
 
+/* An elementwise pass needs no channel order: dnbn_map_rows calls
+ * fn(ctx, f, offset, spatial) for every row (b, f) in memory order, the rows
+ * split among threads in contiguous ranges, one plain stream through memory.
+ * Worth it when rows are long enough to amortize per-row work. */
+#define DNBN_ROW_ORDER_MIN_SPATIAL 64
+void dnbn_map_rows(const dnbn_part *pt, dnbn_run_fn fn, void *ctx);
+
 /* ---- channel tiles (spatial == 1) ----------------------------------------
  * A fully connected tensor is (batch, filters) row-major: work units are tiles
  * of up to DNBN_TILE consecutive channels, vectorized across channels. */
