@@ -121,7 +121,7 @@ class BatchNormLayer:
         self._layer = ffi.gc(raw, lib.free_batchnorm_layer)
         check(lib.batchnorm_layer_set_numerics(self._layer, _NUMERICS[numerics], eps, momentum), "numerics")
 
-        self._numerics = numerics
+        self._numerics, self._eps, self._momentum = numerics, eps, momentum
         # Fixed for the layer's life, kept at hand for the per-call checks.
         self._shapes = ((batch, c, h, w), (batch, c * h * w))
         self._count = batch * c * h * w
@@ -169,17 +169,14 @@ class BatchNormLayer:
     c = property(lambda self: int(self._layer.out_c), doc="Channels.")
     outputs = property(lambda self: int(self._layer.outputs), doc="c*h*w, values per image.")
     numerics = property(lambda self: self._numerics, doc="'darknet' or 'standard'.")
-    eps = property(lambda self: float(self._layer.eps), doc="Epsilon of standard numerics (float32).")
-    momentum = property(
-        lambda self: float(self._layer.momentum), doc="Weight of the batch statistic in the running ones (float32)."
-    )
+    eps = property(lambda self: self._eps, doc="Epsilon of standard numerics.")
+    momentum = property(lambda self: self._momentum, doc="Weight of the batch statistic in the running ones.")
 
     def __repr__(self) -> str:
         return (
             f"BatchNormLayer(batch={self.batch}, w={self.w}, h={self.h}, c={self.c}, "
             f"numerics={self.numerics!r}, eps={self.eps}, momentum={self.momentum})"
         )
-
 
     def forward(self, input: np.ndarray, train: bool = True) -> np.ndarray:
         """Normalize ``input`` and return ``output`` (a view, in the input's shape).
