@@ -305,7 +305,7 @@ class BatchNormLayer:
             rolling_mean=self._views["rolling_mean"],
             rolling_variance=self._views["rolling_variance"],
             numerics=self._numerics,
-            eps=self.eps,
+            eps=float(self._layer.eps),  # the float32 value inference uses
         )
 
     output = _buffer_property("output", "y of the last forward, (batch, c, h, w).")

@@ -101,7 +101,7 @@ def test_fold_is_the_formula_rounded_once(rng, numerics):
     w2, b2 = layer.fold_into(w, b)
     assert np.array_equal(w2, (np.float64(w) * s[:, None, None]).astype(np.float32))
     assert np.array_equal(b2, ((np.float64(b) - rm) * s + beta).astype(np.float32))
-    assert np.array_equal(inference_scale(layer.scales, layer.rolling_variance, numerics, layer.eps), s)
+    assert np.array_equal(inference_scale(layer.scales, layer.rolling_variance, numerics, float(np.float32(layer.eps))), s)
 
 
 def test_no_bias_is_zero_bias_and_inputs_are_untouched(rng):
