@@ -11,7 +11,7 @@
 #define MOMENT_BLOCK 2048
 
 /* Input bytes of a channel group: small enough that a second pass over the
- * group (input, or delta and x_norm) finds it in a core's L2. */
+ * group (the input, or delta and x) finds it in a core's L2. */
 #define GROUP_BYTES ((idx_t)192 << 10)
 
 dnbn_part dnbn_partition(int batch, int filters, int spatial)
