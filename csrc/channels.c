@@ -10,9 +10,11 @@
  * moments: bounds the cancellation in sum (x-k)^2 - (sum (x-k))^2 / n. */
 #define MOMENT_BLOCK 2048
 
-/* Input bytes of a channel group: small enough that a second pass over the
- * group (the input, or delta and x) finds it in a core's L2. */
-#define GROUP_BYTES ((idx_t)192 << 10)
+/* Input bytes of a channel group: about a core's L2, so that a second pass
+ * over the group (the input, or delta and x) finds it in L2 or L3, while each
+ * image's rows of the group make one long contiguous stretch (measured: 192 KB
+ * groups were 10-30 % slower on 8x128x52x52, 16x512x13x13, 32x128x26x26). */
+#define GROUP_BYTES ((idx_t)1024 << 10)
 
 dnbn_part dnbn_partition(int batch, int filters, int spatial)
 {
