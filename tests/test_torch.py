@@ -16,7 +16,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import darknet_bn  # noqa: E402
 import darknet_bn.torch as dbt  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
