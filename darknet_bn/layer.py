@@ -129,7 +129,8 @@ class BatchNormLayer:
         self._net = ffi.new("batchnorm_network *")
         self._views = {}
         for name in _ACTIVATIONS:
-            self._views[name] = self._view(name, (batch, c, h, w))
+            if name != "x_norm":  # x_norm is handed out fresh by _view_of, see below
+                self._views[name] = self._view(name, (batch, c, h, w))
         for name in _CHANNELS:
             self._views[name] = self._view(name, (c,))
         # x_norm is written only when somebody may look at it: forward skips it

@@ -7,6 +7,7 @@ and variance within a few (here 4) float32 ulps of the exact value.
 
 import os
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -134,3 +135,20 @@ def impl(request):
     """The kernel module under test: darknet_bn.kernels or darknet_bn.kernels.reference."""
     import darknet_bn.kernels as k
     return k if request.param == "fast" else k.reference
+
+
+def wait_child(pid, timeout=60):
+    """Wait for a forked child with a timeout (a hang is killed and reported); return its exit code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.005)
+    if os.WIFSIGNALED(status):
+        pytest.fail(f"the forked child was killed by signal {os.WTERMSIG(status)}")
+    return os.WEXITSTATUS(status)

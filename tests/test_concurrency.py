@@ -22,7 +22,7 @@ import darknet_bn
 import darknet_bn.kernels as K
 import oracle
 from _reliability import describe_exit, make_pair, num_threads, run_python
-from conftest import activations, assert_close, assert_ulps, f32
+from conftest import activations, assert_close, assert_ulps, f32, wait_child
 
 NUMERICS = ["darknet", "standard"]
 LAYER_BUFFERS = ("output", "x", "x_norm", "delta", "mean", "variance", "rolling_mean", "rolling_variance",
@@ -54,23 +54,6 @@ def run_threads(targets, timeout=120):
     assert not any(t.is_alive() for t in threads), "a worker thread hung"
     if errors:
         raise errors[0]
-
-
-def wait_child(pid, timeout=60):
-    """Wait for a forked child with a timeout (a hang is killed and reported); return its exit code."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
-        time.sleep(0.005)
-    if os.WIFSIGNALED(status):
-        pytest.fail(f"the forked child was killed by signal {os.WTERMSIG(status)}")
-    return os.WEXITSTATUS(status)
 
 
 # --------------------------------------------------------------------------- the GIL

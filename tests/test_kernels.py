@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 import darknet_bn
 import darknet_bn.kernels as K
 import oracle
-from conftest import activations, assert_close, assert_ulps, f32
+from conftest import activations, assert_close, assert_ulps, f32, wait_child
 
 # (batch, filters, spatial)
 SHAPES = [
@@ -485,16 +484,6 @@ def test_works_in_child_after_fork(rng):
                 code = 0 if (err <= 4 * np.spacing(np.abs(want).astype(np.float32))).all() else 3
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 30
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                pytest.fail("the forked child hung in a kernel call")
-            time.sleep(0.01)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert wait_child(pid, timeout=30) == 0
     finally:
         darknet_bn.set_num_threads(old)
