@@ -28,9 +28,16 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: all lib test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
+.PHONY: all lib flavors test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
 
-all: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a $(BUILD)/bench_batchnorm $(BUILD)/tiny_net
+FLAVOR ?= pjreddie
+ifeq ($(FLAVOR),alexeyab)
+FLAVOR_LIBS := $(BUILD)/libdarknet_bn_alexeyab.so $(BUILD)/libdarknet_bn_alexeyab.a
+else ifneq ($(FLAVOR),pjreddie)
+$(error FLAVOR must be pjreddie or alexeyab, not "$(FLAVOR)")
+endif
+
+all: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a $(BUILD)/bench_batchnorm $(BUILD)/tiny_net $(FLAVOR_LIBS)
 
 lib: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a
 
@@ -44,6 +51,25 @@ $(BUILD)/libdarknet_bn.a: $(LIB_OBJS)
 
 $(BUILD)/libdarknet_bn.so: $(LIB_OBJS)
 	$(CC) -shared -o $@ $^ $(LDLIBS)
+
+# The AlexeyAB flavor of the kernels (csrc/internal.h): the same sources with
+# -DDNBN_FLAVOR_ALEXEYAB, as build/libdarknet_bn_alexeyab.{a,so}.
+# `make FLAVOR=alexeyab` adds them to the default target; make test always builds them.
+ALEXEYAB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj-alexeyab/%.o,$(LIB_SRCS))
+ALEXEYAB_LIBS := $(BUILD)/libdarknet_bn_alexeyab.so $(BUILD)/libdarknet_bn_alexeyab.a
+
+$(BUILD)/obj-alexeyab/%.o: csrc/%.c $(HEADERS) csrc/rows.inc.h csrc/cflags.txt
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_LIB) -DDNBN_FLAVOR_ALEXEYAB -c $< -o $@
+
+$(BUILD)/libdarknet_bn_alexeyab.a: $(ALEXEYAB_OBJS)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libdarknet_bn_alexeyab.so: $(ALEXEYAB_OBJS)
+	$(CC) -shared -o $@ $^ $(LDLIBS)
+
+flavors: $(ALEXEYAB_LIBS)
 
 $(BUILD)/bench_batchnorm: benchmarks/bench_batchnorm.c $(BUILD)/libdarknet_bn.a
 	$(CC) $(CFLAGS_LIB) -Icsrc $< $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
@@ -94,7 +120,7 @@ pytest: venv
 tools:
 	command -v pkg-config >/dev/null || (apt-get update -qq && apt-get install -y -qq pkg-config)
 
-test: all ctest sanitize valgrind tools pytest
+test: all flavors ctest sanitize valgrind tools pytest
 
 demo: venv
 	$(VPY) -m darknet_bn.demo $(DEMO_ARGS)

@@ -53,8 +53,8 @@ typedef struct bufs {
     int spatial;
     float *input, *delta0, *work, *work2, *out;
     float *c_mean, *c_var, *c_a, *c_b, *c_out;
-    batchnorm_layer *fast;   /* the library's layer */
-    batchnorm_layer *ref;    /* same buffers, driven by the reference loops */
+    dnbn_layer *fast;   /* the library's layer */
+    dnbn_layer *ref;    /* same buffers, driven by the reference loops */
 } bufs;
 
 typedef void (*bench_fn)(bufs *);
@@ -84,7 +84,7 @@ static double median_time(bench_fn fn, bufs *b, int reps, double min_time)
  * write it, on the reference kernels. */
 static void ref_forward_train(bufs *b)
 {
-    batchnorm_layer *l = b->ref;
+    dnbn_layer *l = b->ref;
     size_t bytes = sizeof(float) * (size_t)b->n;
     int sp = b->spatial;
     memcpy(l->output, b->input, bytes);
@@ -103,7 +103,7 @@ static void ref_forward_train(bufs *b)
 
 static void ref_backward(bufs *b)
 {
-    batchnorm_layer *l = b->ref;
+    dnbn_layer *l = b->ref;
     int sp = b->spatial;
     memcpy(l->delta, b->delta0, sizeof(float) * (size_t)b->n); /* the next layer's write */
     backward_bias_ref(l->bias_updates, l->delta, l->batch, l->out_c, sp);
@@ -123,7 +123,7 @@ static void ref_step(bufs *b)
 
 static void ref_infer(bufs *b)
 {
-    batchnorm_layer *l = b->ref;
+    dnbn_layer *l = b->ref;
     int sp = b->spatial;
     memcpy(l->output, b->input, sizeof(float) * (size_t)b->n);
     normalize_cpu_ref(l->output, l->rolling_mean, l->rolling_variance, l->batch, l->out_c, sp);
@@ -133,9 +133,9 @@ static void ref_infer(bufs *b)
 
 static void fast_step(bufs *b)
 {
-    batchnorm_network net = {b->input, NULL, 1};
-    forward_batchnorm_layer(b->fast, net);
-    backward_batchnorm_layer_from(b->fast, b->delta0); /* reads the next layer's delta where it is */
+    dnbn_network net = {b->input, NULL, 1};
+    dnbn_forward_batchnorm_layer(b->fast, net);
+    dnbn_backward_batchnorm_layer_from(b->fast, b->delta0); /* reads the next layer's delta where it is */
 }
 
 /* The same step with x_norm written by forward, as Darknet's C callers get by default. */
@@ -148,16 +148,16 @@ static void fast_step_keep(bufs *b)
 
 static void fast_forward_train(bufs *b)
 {
-    batchnorm_network net = {b->input, NULL, 1};
-    forward_batchnorm_layer(b->fast, net);
+    dnbn_network net = {b->input, NULL, 1};
+    dnbn_forward_batchnorm_layer(b->fast, net);
 }
 
-static void fast_backward(bufs *b) { backward_batchnorm_layer_from(b->fast, b->delta0); }
+static void fast_backward(bufs *b) { dnbn_backward_batchnorm_layer_from(b->fast, b->delta0); }
 
 static void fast_infer(bufs *b)
 {
-    batchnorm_network net = {b->input, NULL, 0};
-    forward_batchnorm_layer(b->fast, net);
+    dnbn_network net = {b->input, NULL, 0};
+    dnbn_forward_batchnorm_layer(b->fast, net);
 }
 
 /* ---- kernels: each timed on private buffers so in-place ones stay finite ---- */
@@ -292,8 +292,8 @@ static bufs make_bufs(shape s)
     b.c_b = alloc_floats(s.c, 0);
     b.c_out = alloc_floats(s.c, 0);
     for (int f = 0; f < s.c; f++) b.c_var[f] = 1.0f + 0.1f * (float)(f % 7), b.c_b[f] = 1.0f, b.c_a[f] = 0.0f;
-    b.fast = make_batchnorm_layer(s.b, s.w, s.h, s.c);
-    b.ref = make_batchnorm_layer(s.b, s.w, s.h, s.c);
+    b.fast = dnbn_make_batchnorm_layer(s.b, s.w, s.h, s.c);
+    b.ref = dnbn_make_batchnorm_layer(s.b, s.w, s.h, s.c);
     if (!b.fast || !b.ref) {
         fprintf(stderr, "cannot allocate layers for %dx%dx%dx%d\n", s.b, s.c, s.h, s.w);
         exit(1);
@@ -308,8 +308,8 @@ static void free_bufs(bufs *b)
 {
     float *p[] = {b->input, b->delta0, b->work, b->work2, b->c_mean, b->c_var, b->c_a, b->c_b, b->c_out};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
-    free_batchnorm_layer(b->fast);
-    free_batchnorm_layer(b->ref);
+    dnbn_free_batchnorm_layer(b->fast);
+    dnbn_free_batchnorm_layer(b->ref);
 }
 
 static int parse_shape(const char *s, shape *out)

@@ -13,7 +13,7 @@
  * delta in double, so the cancellation between its three terms costs nothing
  * even when 1/sqrt(var) is large. x_norm is therefore only for the caller:
  * forward writes it when l->keep_x_norm is set (the default, as Darknet), and
- * batchnorm_layer_fill_x_norm computes it later, bit for bit the same.
+ * dnbn_batchnorm_layer_fill_x_norm computes it later, bit for bit the same.
  */
 #include <errno.h>
 #include <limits.h>
@@ -28,11 +28,11 @@ enum { STATE_NONE = 0, STATE_INFERENCE = 1, STATE_TRAINING = 2 };
 /* Per-channel doubles kept from forward for backward (layer->scratch): the
  * batch mean and normalizer, then the coefficients of the input delta. */
 enum { SC_MEAN, SC_INV, SC_A, SC_B, SC_C, SC_WIDTH };
-_Static_assert(SC_WIDTH == BATCHNORM_SCRATCH_DOUBLES && SC_MEAN == BATCHNORM_SCRATCH_MEAN &&
-                   SC_INV == BATCHNORM_SCRATCH_INV,
+_Static_assert(SC_WIDTH == DNBN_SCRATCH_DOUBLES && SC_MEAN == DNBN_SCRATCH_MEAN &&
+                   SC_INV == DNBN_SCRATCH_INV,
                "the scratch layout the header documents");
 
-static void reset_running(batchnorm_layer *l)
+static void reset_running(dnbn_layer *l)
 {
     for (int f = 0; f < l->out_c; f++) {
         l->rolling_mean[f] = 0.0f;
@@ -40,7 +40,7 @@ static void reset_running(batchnorm_layer *l)
     }
 }
 
-batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
+dnbn_layer *dnbn_make_batchnorm_layer(int batch, int w, int h, int c)
 {
     /* c*h*w must fit Darknet's int `outputs`; batch*outputs then fits 63 bits. */
     if (batch <= 0 || w <= 0 || h <= 0 || c <= 0 || (idx_t)c * h > INT_MAX || (idx_t)c * h * w > INT_MAX ||
@@ -48,7 +48,7 @@ batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
         errno = EINVAL;
         return NULL;
     }
-    batchnorm_layer *l = calloc(1, sizeof *l);
+    dnbn_layer *l = calloc(1, sizeof *l);
     if (!l) {
         errno = ENOMEM;
         return NULL;
@@ -95,14 +95,14 @@ batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c)
     return l;
 }
 
-void free_batchnorm_layer(batchnorm_layer *l)
+void dnbn_free_batchnorm_layer(dnbn_layer *l)
 {
     if (!l) return;
     free(l->memory);
     free(l);
 }
 
-int batchnorm_layer_set_numerics(batchnorm_layer *l, int numerics, float eps, float momentum)
+int dnbn_batchnorm_layer_set_numerics(dnbn_layer *l, int numerics, float eps, float momentum)
 {
     if (!l || (numerics != DNBN_NUMERICS_DARKNET && numerics != DNBN_NUMERICS_STANDARD)) return DNBN_ERR_ARG;
     if (!(momentum >= 0.0f && momentum <= 1.0f)) return DNBN_ERR_ARG;
@@ -116,12 +116,12 @@ int batchnorm_layer_set_numerics(batchnorm_layer *l, int numerics, float eps, fl
     return DNBN_OK;
 }
 
-int batchnorm_layer_state(const batchnorm_layer *l) { return l ? l->state : STATE_NONE; }
+int dnbn_batchnorm_layer_state(const dnbn_layer *l) { return l ? l->state : STATE_NONE; }
 
 /* ---- forward ---- */
 
 typedef struct pass {
-    batchnorm_layer *l;
+    dnbn_layer *l;
     const dnbn_rows *r;
     const dnbn_part *pt;
     const float *in; /* forward: the input; backward: dy */
@@ -135,7 +135,7 @@ typedef struct pass {
  * output past the caches: when they are too large to stay in them anyway, and
  * rows are whole 64-byte lines (a line written partly by streaming and partly
  * by ordinary stores is slow on both). */
-static int streams(const batchnorm_layer *l, int tensors)
+static int streams(const dnbn_layer *l, int tensors)
 {
     return (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors >= DNBN_STREAM_BYTES &&
            (l->out_h * l->out_w) % 16 == 0;
@@ -146,7 +146,7 @@ static int streams(const batchnorm_layer *l, int tensors)
 static void finish_stats(void *arg, idx_t f, const double acc[3])
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     double m = acc[0], mean = acc[1], unbiased = acc[2] / (m - 1);
     double var, inv;
     if (l->numerics == DNBN_NUMERICS_DARKNET) {
@@ -169,7 +169,7 @@ static void finish_stats(void *arg, idx_t f, const double acc[3])
 static void train_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     const double *sc = l->scratch + f * SC_WIDTH;
     float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh);
     p->r->forward_train(p->in + off, p->x ? p->x + off : NULL, l->keep_x_norm ? l->x_norm + off : NULL,
@@ -202,7 +202,7 @@ static void train_fused_unit(void *arg, idx_t unit)
 static void infer_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     float rm = l->rolling_mean[f];
     double rv = l->rolling_variance[f];
     double inv = l->numerics == DNBN_NUMERICS_DARKNET ? 1.0 / (sqrt(rv) + DARKNET_EPS_FORWARD)
@@ -221,7 +221,7 @@ static void infer_unit(void *arg, idx_t unit)
 
 /* The forward pass's parameters of a tile: the mean as a sum of two floats,
  * and the normalizer, from the channels' scratch rows. */
-static void tile_params(const batchnorm_layer *l, idx_t f0, idx_t n, float *mh, float *ml, float *inv)
+static void tile_params(const dnbn_layer *l, idx_t f0, idx_t n, float *mh, float *ml, float *inv)
 {
     for (idx_t j = 0; j < n; j++) {
         const double *sc = l->scratch + (f0 + j) * SC_WIDTH;
@@ -235,7 +235,7 @@ static void tile_params(const batchnorm_layer *l, idx_t f0, idx_t n, float *mh, 
 static void train_apply_tile(void *arg, idx_t f0, idx_t n)
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     float mh[DNBN_TILE], ml[DNBN_TILE], inv[DNBN_TILE];
     tile_params(l, f0, n, mh, ml, inv);
     for (idx_t b = 0; b < l->batch; b++) {
@@ -260,7 +260,7 @@ static void train_tile(void *arg, idx_t f0, idx_t n)
 static void infer_tile(void *arg, idx_t f0, idx_t n)
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     float zero[DNBN_TILE] = {0}, inv[DNBN_TILE];
     for (idx_t j = 0; j < n; j++) {
         double rv = l->rolling_variance[f0 + j];
@@ -276,14 +276,14 @@ static void infer_tile(void *arg, idx_t f0, idx_t n)
 
 /* A pass over l reading `in` and touching `tensors` activation tensors in
  * all: the partition and everything its units share. */
-static pass make_pass(batchnorm_layer *l, const dnbn_part *pt, const float *in, int tensors)
+static pass make_pass(dnbn_layer *l, const dnbn_part *pt, const float *in, int tensors)
 {
     pass p = {l, dnbn_rows_active(), pt, in, streams(l, tensors), l->x == in ? NULL : l->x, (double)pt->m,
               {NULL, NULL}};
     return p;
 }
 
-int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
+int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
 {
     if (!l || !net.input) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
@@ -322,7 +322,7 @@ int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
 static void fill_run(void *arg, idx_t f, idx_t off, idx_t len)
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     const double *sc = l->scratch + f * SC_WIDTH;
     float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh), inv = (float)sc[SC_INV];
     /* the forward's own arithmetic on x (= its input), x_norm only */
@@ -335,7 +335,7 @@ static void fill_unit(void *arg, idx_t unit)
     dnbn_for_runs(p->pt, unit, fill_run, p);
 }
 
-int batchnorm_layer_fill_x_norm(batchnorm_layer *l)
+int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
 {
     if (!l) return DNBN_ERR_ARG;
     if (!l->trained) return DNBN_ERR_STATE;
@@ -376,7 +376,7 @@ static void sums_unit(void *arg, idx_t unit, double (*acc)[3])
 static void finish_sums(void *arg, idx_t f, const double acc[3])
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     double sum_dy = acc[0], sum_dy_dev = acc[1], m = p->count;
     double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH, inv = sc[SC_INV];
     l->bias_updates[f] = (float)((double)l->bias_updates[f] + sum_dy);
@@ -427,14 +427,14 @@ static void backward_fused_unit(void *arg, idx_t unit)
     apply_unit(arg, unit);
 }
 
-static void tile_means(const batchnorm_layer *l, idx_t f0, idx_t n, double *k)
+static void tile_means(const dnbn_layer *l, idx_t f0, idx_t n, double *k)
 {
     for (idx_t j = 0; j < n; j++) k[j] = l->scratch[(f0 + j) * SC_WIDTH + SC_MEAN];
 }
 
 static void sums_tile(const pass *p, idx_t f0, idx_t n, double *s, double *sd)
 {
-    const batchnorm_layer *l = p->l;
+    const dnbn_layer *l = p->l;
     double k[DNBN_TILE];
     tile_means(l, f0, n, k);
     for (idx_t j = 0; j < n; j++) s[j] = sd[j] = 0;
@@ -448,7 +448,7 @@ static void sums_tile(const pass *p, idx_t f0, idx_t n, double *s, double *sd)
 static void apply_tile(void *arg, idx_t f0, idx_t n)
 {
     pass *p = arg;
-    batchnorm_layer *l = p->l;
+    dnbn_layer *l = p->l;
     double a[DNBN_TILE], k[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE];
     tile_means(l, f0, n, k);
     for (idx_t j = 0; j < n; j++) {
@@ -487,7 +487,7 @@ static void sums_out_finish(void *arg, idx_t f, const double acc[3])
     p->sums[1][f] = acc[1];
 }
 
-int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
+int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
 {
     if (!l || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
@@ -506,11 +506,11 @@ int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in)
     return DNBN_OK;
 }
 
-int backward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
+int dnbn_backward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
 {
     if (!l) return DNBN_ERR_ARG;
     if (!net.train) return DNBN_ERR_STATE;
-    int status = backward_batchnorm_layer_from(l, l->delta);
+    int status = dnbn_backward_batchnorm_layer_from(l, l->delta);
     if (status == DNBN_OK && net.delta && net.delta != l->delta)
         memcpy(net.delta, l->delta, (size_t)l->batch * (size_t)l->outputs * sizeof(float));
     return status;
@@ -518,7 +518,7 @@ int backward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net)
 
 /* ---- phases, for statistics combined across shards of a batch ---- */
 
-int batchnorm_layer_forward_moments(batchnorm_layer *l, float *input, double count, const double *mean,
+int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double count, const double *mean,
                                     const double *m2)
 {
     if (!l || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
@@ -540,7 +540,7 @@ int batchnorm_layer_forward_moments(batchnorm_layer *l, float *input, double cou
     return DNBN_OK;
 }
 
-int batchnorm_layer_backward_sums(batchnorm_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev)
+int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev)
 {
     if (!l || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
@@ -558,7 +558,7 @@ int batchnorm_layer_backward_sums(batchnorm_layer *l, float *delta_in, double *s
     return DNBN_OK;
 }
 
-int batchnorm_layer_backward_apply(batchnorm_layer *l, float *delta_in, double count, const double *sum_dy,
+int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double count, const double *sum_dy,
                                    const double *sum_dy_dev)
 {
     if (!l || !delta_in || !sum_dy || !sum_dy_dev || !(count >= 1)) return DNBN_ERR_ARG;
@@ -581,7 +581,7 @@ int batchnorm_layer_backward_apply(batchnorm_layer *l, float *delta_in, double c
 
 /* ---- update ---- */
 
-int update_batchnorm_layer(batchnorm_layer *l, float learning_rate, float momentum, float decay)
+int dnbn_update_batchnorm_layer(dnbn_layer *l, float learning_rate, float momentum, float decay)
 {
     (void)decay; /* Darknet applies no weight decay to batch-norm scales and biases */
     if (!l) return DNBN_ERR_ARG;

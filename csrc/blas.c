@@ -3,7 +3,8 @@
  *
  * Each kernel is a per-channel reduction (dnbn_reduce_channels) or a
  * per-channel elementwise pass (dnbn_map_units) over the row primitives; the
- * formulas are Darknet's (src/blas.c), sums are in double.
+ * formulas are Darknet's (src/blas.c), sums are in double. normalize_cpu and
+ * normalize_delta_cpu follow the build's flavor (internal.h).
  */
 #include <math.h>
 
@@ -318,7 +319,7 @@ MAP_RUN_FN(run_normalize_delta, c->r->backward_apply(c->delta + offset, c->delta
 static void par_normalize(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j)
 {
     p->k[j] = c->mean[f];
-    p->a[j] = (float)(1.0 / (sqrt((double)c->variance[f]) + DARKNET_EPS_FORWARD));
+    p->a[j] = (float)dnbn_kernel_forward_inv((double)c->variance[f]);
 }
 
 static void par_scale(const kernel_ctx *c, idx_t f, tile_params *p, idx_t j) { p->a[j] = c->scales[f]; }
@@ -327,7 +328,7 @@ static void par_normalize_delta(const kernel_ctx *c, idx_t f, tile_params *p, id
 {
     double m = (double)c->pt->m;
     p->dk[j] = c->mean[f];
-    p->da[j] = 1.0 / sqrt((double)c->variance[f] + DARKNET_EPS_BACKWARD);
+    p->da[j] = dnbn_kernel_delta_inv((double)c->variance[f]);
     p->db[j] = (double)c->variance_delta[f] * 2.0 / m;
     p->dc[j] = (double)c->mean_delta[f] / m;
 }

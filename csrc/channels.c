@@ -282,7 +282,7 @@ static void public_moments_finish(void *arg, idx_t f, const double acc[3])
     c->m2[f] = acc[2];
 }
 
-void batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2)
+void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2)
 {
     dnbn_part pt = dnbn_partition(batch, filters, spatial);
     public_moments_ctx c = {dnbn_rows_active(), &pt, x, mean, m2};
@@ -290,7 +290,7 @@ void batchnorm_moments(const float *x, int batch, int filters, int spatial, doub
     dnbn_reduce_channels(&pt, &r);
 }
 
-void batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
+void dnbn_batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
                                const double *mean_b, const double *m2_b)
 {
     for (idx_t f = 0; f < filters; f++) {

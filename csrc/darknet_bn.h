@@ -32,13 +32,13 @@
  *
  * Worked example, a training step of a layer (error checks omitted):
  *
- *     batchnorm_layer *l = make_batchnorm_layer(8, 52, 52, 128);
- *     batchnorm_network net = { .input = x, .delta = dx, .train = 1 };
- *     forward_batchnorm_layer(l, net);        // l->output is y
+ *     dnbn_layer *l = dnbn_make_batchnorm_layer(8, 52, 52, 128);
+ *     dnbn_network net = { .input = x, .delta = dx, .train = 1 };
+ *     dnbn_forward_batchnorm_layer(l, net);        // l->output is y
  *     // ... the next layer writes -dLoss/dy into l->delta ...
- *     backward_batchnorm_layer(l, net);       // dx = -dLoss/dx
- *     update_batchnorm_layer(l, 0.01f, 0.9f, 0.0005f);
- *     free_batchnorm_layer(l);
+ *     dnbn_backward_batchnorm_layer(l, net);       // dx = -dLoss/dx
+ *     dnbn_update_batchnorm_layer(l, 0.01f, 0.9f, 0.0005f);
+ *     dnbn_free_batchnorm_layer(l);
  */
 #ifndef DARKNET_BN_H
 #define DARKNET_BN_H
@@ -47,6 +47,15 @@
 
 #ifdef __cplusplus
 extern "C" {
+#endif
+
+/* The library is compiled with -fvisibility=hidden: what this header declares
+ * is its whole exported API, and nothing internal can clash with a symbol of
+ * the program (such as Darknet's own) that links it. The Python extension,
+ * built with DNBN_HIDDEN_API, exports none of it (only its init function). */
+#if defined(__GNUC__) && !defined(DNBN_HIDDEN_API)
+#pragma GCC visibility push(default)
+#define DNBN_VISIBILITY_PUSHED
 #endif
 
 /* --- cdef begin --- (darknet_bn/_ffi_build.py reads from here to "cdef end") */
@@ -65,9 +74,9 @@ extern "C" {
  * l->scratch starts with the last training forward's batch mean (in double)
  * and its normalizer (1/(sqrt(var) + 1e-6), or 1/sqrt(var + eps) in standard
  * numerics); the rest is backward's. */
-#define BATCHNORM_SCRATCH_DOUBLES 5
-#define BATCHNORM_SCRATCH_MEAN 0
-#define BATCHNORM_SCRATCH_INV 1
+#define DNBN_SCRATCH_DOUBLES 5
+#define DNBN_SCRATCH_MEAN 0
+#define DNBN_SCRATCH_INV 1
 
 
 /* ===== 1. Darknet's kernels ==============================================
@@ -83,7 +92,8 @@ void mean_cpu(float *x, int batch, int filters, int spatial, float *mean);
 void variance_cpu(float *x, float *mean, int batch, int filters, int spatial, float *variance);
 
 /* In place: x = (x - mean[f]) / (sqrt(variance[f]) + 1e-6).
- * Darknet quirk: epsilon outside the square root. */
+ * Darknet quirk: epsilon outside the square root. (AlexeyAB flavor:
+ * x = (x - mean[f]) / sqrt(variance[f] + 1e-5); see dnbn_kernel_flavor.) */
 void normalize_cpu(float *x, float *mean, float *variance, int batch, int filters, int spatial);
 
 /* In place: output[b, f, i] *= scales[f]. */
@@ -108,7 +118,8 @@ void variance_delta_cpu(float *x, float *delta, float *mean, float *variance, in
 
 /* In place: delta = delta / sqrt(variance[f] + 1e-5)
  *                 + variance_delta[f] * 2 * (x - mean[f]) / m + mean_delta[f] / m.
- * Darknet quirk: epsilon inside the square root here, outside in forward. */
+ * Darknet quirk: epsilon inside the square root here, outside in forward.
+ * (AlexeyAB flavor: delta / (sqrt(variance[f]) + 1e-5) in the first term.) */
 void normalize_delta_cpu(float *x, float *mean, float *variance, float *mean_delta, float *variance_delta,
                          int batch, int filters, int spatial, float *delta);
 
@@ -133,12 +144,12 @@ void normalize_delta_cpu_ref(float *x, float *mean, float *variance, float *mean
 /* ===== 3. The layer ======================================================== */
 
 /* The layer. Field names are Darknet's. Activation buffers hold
- * batch*outputs floats, per-channel ones out_c. make_batchnorm_layer allocates
+ * batch*outputs floats, per-channel ones out_c. dnbn_make_batchnorm_layer allocates
  * them all; a caller may instead fill in a zeroed struct itself with its own
- * buffers (memory = NULL, scratch = BATCHNORM_SCRATCH_DOUBLES * out_c doubles,
- * then batchnorm_layer_set_numerics) and never call free_batchnorm_layer on
+ * buffers (memory = NULL, scratch = DNBN_SCRATCH_DOUBLES * out_c doubles,
+ * then dnbn_batchnorm_layer_set_numerics) and never call dnbn_free_batchnorm_layer on
  * it. x may point at the input itself: forward then does not copy it. */
-typedef struct batchnorm_layer {
+typedef struct dnbn_layer {
     int batch;              /* images per batch */
     int out_c, out_h, out_w; /* channels, height, width (input shape = output shape) */
     int outputs;            /* out_c*out_h*out_w, values per image */
@@ -163,104 +174,104 @@ typedef struct batchnorm_layer {
     float eps;              /* standard numerics: the epsilon inside the root */
     float momentum;         /* weight of the batch statistic in the running ones */
     int keep_x_norm;        /* nonzero (default): training forward writes x_norm, as Darknet does;
-                               zero: it does not (one stream less), see batchnorm_layer_fill_x_norm */
-    int state;              /* internal: what the last forward was (see batchnorm_layer_state) */
+                               zero: it does not (one stream less), see dnbn_batchnorm_layer_fill_x_norm */
+    int state;              /* internal: what the last forward was (see dnbn_batchnorm_layer_state) */
     int trained;            /* internal: a training forward has run since make or set_numerics */
     double *scratch;        /* internal: per-channel double work space */
     void *memory;           /* internal: the one allocation every buffer above is carved from */
-} batchnorm_layer;
+} dnbn_layer;
 
 /* What forward and backward read from the network, as Darknet's `network`
  * carries them. */
-typedef struct batchnorm_network {
+typedef struct dnbn_network {
     float *input;           /* forward: batch*outputs floats (may be l->output itself) */
     float *delta;           /* backward: where -dLoss/dx also goes; NULL to keep it in l->delta only */
     int train;              /* nonzero: training (batch statistics); zero: inference */
-} batchnorm_network;
+} dnbn_network;
 
 /* Allocates a layer for `batch` images of c channels of h x w, with Darknet's
  * initial state and darknet numerics. Returns NULL with errno = EINVAL for a
  * size <= 0 or one whose element count does not fit, ENOMEM when memory runs
  * out. Every buffer forward and backward touch is allocated here. */
-batchnorm_layer *make_batchnorm_layer(int batch, int w, int h, int c);
+dnbn_layer *dnbn_make_batchnorm_layer(int batch, int w, int h, int c);
 
 /* Frees the layer and all its buffers. NULL is allowed. */
-void free_batchnorm_layer(batchnorm_layer *l);
+void dnbn_free_batchnorm_layer(dnbn_layer *l);
 
 /* Chooses the numerics with their epsilon (> 0, standard numerics only; darknet
  * numerics use Darknet's constants) and momentum (in [0, 1]; the weight of the
  * batch statistic: 0.01 for Darknet's 0.99/0.01, 0.1 for PyTorch's default).
  * Resets the running statistics to the numerics' initial values. */
-int batchnorm_layer_set_numerics(batchnorm_layer *l, int numerics, float eps, float momentum);
+int dnbn_batchnorm_layer_set_numerics(dnbn_layer *l, int numerics, float eps, float momentum);
 
 /* Forward. Training: batch statistics, running statistics updated, x and
  * x_norm kept for backward; needs m = batch*h*w >= 2 (DNBN_ERR_ARG otherwise,
  * nothing written). Inference: running statistics; only output is written. */
-int forward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net);
+int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net);
 
 /* Backward of the last training forward: bias_updates += sum delta,
  * scale_updates += sum delta*x_norm, then l->delta becomes -dLoss/dx (and is
  * copied to net.delta when that is not NULL). DNBN_ERR_STATE if the last
  * forward was not a training forward or net.train is zero. */
-int backward_batchnorm_layer(batchnorm_layer *l, batchnorm_network net);
+int dnbn_backward_batchnorm_layer(dnbn_layer *l, dnbn_network net);
 
-/* Like backward_batchnorm_layer, with -dLoss/dy read from `delta_in` instead of
+/* Like dnbn_backward_batchnorm_layer, with -dLoss/dy read from `delta_in` instead of
  * l->delta (delta_in may be l->delta); -dLoss/dx is written to l->delta. */
-int backward_batchnorm_layer_from(batchnorm_layer *l, float *delta_in);
+int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in);
 
 /* Darknet's SGD step for scales and biases: biases += (learning_rate/batch) *
  * bias_updates; bias_updates *= momentum; the same for scales. `decay` is
  * accepted for Darknet's signature and ignored (no decay on these). */
-int update_batchnorm_layer(batchnorm_layer *l, float learning_rate, float momentum, float decay);
+int dnbn_update_batchnorm_layer(dnbn_layer *l, float learning_rate, float momentum, float decay);
 
 /* 0: no forward yet; 1: the last forward was inference; 2: training. */
-int batchnorm_layer_state(const batchnorm_layer *l);
+int dnbn_batchnorm_layer_state(const dnbn_layer *l);
 
 /* Writes x_norm of the last training forward from x, bit for bit what that
  * forward writes with keep_x_norm set. DNBN_ERR_STATE before any training
  * forward. */
-int batchnorm_layer_fill_x_norm(batchnorm_layer *l);
+int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l);
 
 /* ===== 4. Phases, for a batch split across processes =====================
- * forward_batchnorm_layer and backward_batchnorm_layer_from are each a local
+ * dnbn_forward_batchnorm_layer and dnbn_backward_batchnorm_layer_from are each a local
  * reduction, then an elementwise pass. The same phases are public, so that a
  * batch sharded over several processes (synchronized batch norm) can combine
  * its statistics in between:
  *
- *   forward:  batchnorm_moments(local input)          -> mean, m2 (count = batch*h*w)
- *             batchnorm_moments_combine over shards    -> global count, mean, m2
- *             batchnorm_layer_forward_moments(l, input, count, mean, m2)
- *   backward: batchnorm_layer_backward_sums(l, delta, sum_dy, sum_dy_dev)
+ *   forward:  dnbn_batchnorm_moments(local input)          -> mean, m2 (count = batch*h*w)
+ *             dnbn_batchnorm_moments_combine over shards    -> global count, mean, m2
+ *             dnbn_batchnorm_layer_forward_moments(l, input, count, mean, m2)
+ *   backward: dnbn_batchnorm_layer_backward_sums(l, delta, sum_dy, sum_dy_dev)
  *             add sum_dy and sum_dy_dev over shards
- *             batchnorm_layer_backward_apply(l, delta, count, sum_dy, sum_dy_dev)
+ *             dnbn_batchnorm_layer_backward_apply(l, delta, count, sum_dy, sum_dy_dev)
  *
  * With one shard this is exactly the fused forward and backward. Moments are
  * in double: count n, mean, and m2 = sum (x - mean)^2, accurate for any offset. */
 
 /* Overwrites mean[f] and m2[f] (filters doubles each). */
-void batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2);
+void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2);
 
 /* Merges shard b into shard a (Chan et al.): n_a values with mean_a, m2_a and
  * n_b values with mean_b, m2_b; mean_a and m2_a are overwritten. */
-void batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
+void dnbn_batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
                                const double *mean_b, const double *m2_b);
 
 /* A training forward with the given (global) statistics: count values per
  * channel with mean and m2 (filters doubles each). Sets mean, variance, the
  * running statistics, x, x_norm (if kept) and output, as a training forward.
  * DNBN_ERR_ARG if count < 2. */
-int batchnorm_layer_forward_moments(batchnorm_layer *l, float *input, double count, const double *mean,
+int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double count, const double *mean,
                                     const double *m2);
 
 /* Backward phase 1: overwrites sum_dy[f] = sum delta_in and
  * sum_dy_dev[f] = sum delta_in*(x - mean) over the local batch (filters doubles
  * each). Writes nothing in the layer. DNBN_ERR_STATE as backward. */
-int batchnorm_layer_backward_sums(batchnorm_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev);
+int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev);
 
 /* Backward phase 2: with the sums over all count values per channel, does what
- * backward_batchnorm_layer_from does after its sums: updates, mean_delta,
+ * dnbn_backward_batchnorm_layer_from does after its sums: updates, mean_delta,
  * variance_delta, and -dLoss/dx of the local batch into l->delta. */
-int batchnorm_layer_backward_apply(batchnorm_layer *l, float *delta_in, double count, const double *sum_dy,
+int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double count, const double *sum_dy,
                                    const double *sum_dy_dev);
 
 /* ===== 5. Settings ========================================================= */
@@ -278,10 +289,22 @@ const char *dnbn_simd_path(void);
 /* The library version, "MAJOR.MINOR.PATCH". */
 const char *dnbn_version(void);
 
+/* Whose arithmetic normalize_cpu and normalize_delta_cpu (and their _ref
+ * twins) follow: "pjreddie" (the default build: 1/(sqrt(var) + 1e-6) and
+ * 1/sqrt(var + 1e-5)) or "alexeyab" (build/libdarknet_bn_alexeyab.*, make
+ * FLAVOR=alexeyab: 1/sqrt(var + 1e-5) and 1/(sqrt(var) + 1e-5)). The other
+ * eight kernels and the layer are the same in every build. */
+const char *dnbn_kernel_flavor(void);
+
 /* A static message for a status code. */
 const char *dnbn_strerror(int status);
 
 /* --- cdef end --- */
+
+#ifdef DNBN_VISIBILITY_PUSHED
+#pragma GCC visibility pop
+#undef DNBN_VISIBILITY_PUSHED
+#endif
 
 #ifdef __cplusplus
 }

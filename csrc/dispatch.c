@@ -36,6 +36,8 @@ const char *dnbn_simd_path(void) { return dnbn_rows_active()->name; }
 
 const char *dnbn_version(void) { return DNBN_VERSION; }
 
+const char *dnbn_kernel_flavor(void) { return DNBN_FLAVOR; }
+
 const char *dnbn_strerror(int status)
 {
     switch (status) {

@@ -26,6 +26,34 @@ typedef int64_t idx_t;
 #define DARKNET_EPS_FORWARD 0.000001
 #define DARKNET_EPS_BACKWARD 0.00001
 
+/* The normalizers of Darknet's two forks, as functions of a channel's
+ * variance (in double). pjreddie's Darknet, and darknet_bn's darknet numerics:
+ * 1/(sqrt(var) + 1e-6) in normalize_cpu, 1/sqrt(var + 1e-5) in
+ * normalize_delta_cpu. AlexeyAB's fork swaps where the epsilon goes:
+ * 1/sqrt(var + 1e-5) in normalize_cpu, 1/(sqrt(var) + 1e-5) in
+ * normalize_delta_cpu (its mean_delta_cpu and variance_delta_cpu are
+ * pjreddie's). */
+#include <math.h>
+static inline double dnbn_pjreddie_forward_inv(double var) { return 1.0 / (sqrt(var) + DARKNET_EPS_FORWARD); }
+static inline double dnbn_pjreddie_delta_inv(double var) { return 1.0 / sqrt(var + DARKNET_EPS_BACKWARD); }
+static inline double dnbn_alexeyab_forward_inv(double var) { return 1.0 / sqrt(var + DARKNET_EPS_BACKWARD); }
+static inline double dnbn_alexeyab_delta_inv(double var) { return 1.0 / (sqrt(var) + DARKNET_EPS_BACKWARD); }
+
+/* The flavor of the ten kernels: which fork's normalize_cpu and
+ * normalize_delta_cpu a build reproduces. pjreddie's by default; AlexeyAB's
+ * with -DDNBN_FLAVOR_ALEXEYAB (make FLAVOR=alexeyab builds
+ * build/libdarknet_bn_alexeyab.{a,so}). The layer is not affected: it takes
+ * its numerics at run time. */
+#ifdef DNBN_FLAVOR_ALEXEYAB
+#define DNBN_FLAVOR "alexeyab"
+#define dnbn_kernel_forward_inv dnbn_alexeyab_forward_inv
+#define dnbn_kernel_delta_inv dnbn_alexeyab_delta_inv
+#else
+#define DNBN_FLAVOR "pjreddie"
+#define dnbn_kernel_forward_inv dnbn_pjreddie_forward_inv
+#define dnbn_kernel_delta_inv dnbn_pjreddie_delta_inv
+#endif
+
 /* A layer pass that touches at least this many bytes (all the tensors it
  * reads and writes) writes with non-temporal stores: its data would not stay
  * in a last-level cache of typical size until the next pass anyway, and

@@ -10,6 +10,16 @@
 
 #define AT(b, f, i) (((idx_t)(b) * filters + (f)) * spatial + (i))
 
+/* The divisor of normalize_cpu and the factor of normalize_delta_cpu, as each
+ * fork writes them (see the flavor in internal.h). */
+#ifdef DNBN_FLAVOR_ALEXEYAB
+#define REF_NORMALIZE_DIVISOR(v) sqrtf((v) + .00001f)
+#define REF_DELTA_FACTOR(v) (1. / (sqrt((double)(v)) + DARKNET_EPS_BACKWARD))
+#else
+#define REF_NORMALIZE_DIVISOR(v) (sqrtf(v) + .000001f)
+#define REF_DELTA_FACTOR(v) (1. / sqrt((double)(v) + DARKNET_EPS_BACKWARD))
+#endif
+
 /* Like the main kernels, a call with a size <= 0 does nothing. */
 #define RETURN_IF_EMPTY(batch, filters, spatial)                                                            \
     if ((batch) <= 0 || (filters) <= 0 || (spatial) <= 0) return
@@ -48,7 +58,7 @@ void normalize_cpu_ref(float *x, float *mean, float *variance, int batch, int fi
         for (int f = 0; f < filters; ++f)
             for (int i = 0; i < spatial; ++i) {
                 idx_t index = AT(b, f, i);
-                x[index] = (x[index] - mean[f]) / (sqrtf(variance[f]) + .000001f);
+                x[index] = (x[index] - mean[f]) / REF_NORMALIZE_DIVISOR(variance[f]);
             }
 }
 
@@ -127,7 +137,7 @@ void normalize_delta_cpu_ref(float *x, float *mean, float *variance, float *mean
         for (int f = 0; f < filters; ++f)
             for (int i = 0; i < spatial; ++i) {
                 idx_t index = AT(b, f, i);
-                delta[index] = (float)(delta[index] * (1. / sqrt((double)variance[f] + DARKNET_EPS_BACKWARD)) +
+                delta[index] = (float)(delta[index] * REF_DELTA_FACTOR(variance[f]) +
                                        variance_delta[f] * 2. * ((double)x[index] - mean[f]) / m +
                                        mean_delta[f] / m);
             }

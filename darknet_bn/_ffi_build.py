@@ -43,6 +43,7 @@ ffi.set_source(
     sources=[os.path.relpath(p, ROOT) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[os.path.relpath(CSRC, ROOT)],
     extra_compile_args=compile_flags(),
+    define_macros=[("DNBN_HIDDEN_API", "1")],  # the extension exports only PyInit (tests/test_exports.py)
     libraries=["m"],
 )
 

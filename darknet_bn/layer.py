@@ -113,20 +113,20 @@ class BatchNormLayer:
             raise ArgumentError(f"eps must be > 0 in float32, got {eps}")
         momentum = _DEFAULT_MOMENTUM[numerics] if momentum is None else _validate.real(momentum, "momentum", 0, 1)
 
-        raw = lib.make_batchnorm_layer(batch, w, h, c)
+        raw = lib.dnbn_make_batchnorm_layer(batch, w, h, c)
         if raw == ffi.NULL:
             if ffi.errno == errno.EINVAL:
                 raise ArgumentError(f"batch*c*h*w = {batch * c * h * w} values is too large to address")
             raise AllocationError(f"cannot allocate a batch-norm layer of {batch}x{c}x{h}x{w} float32 values")
-        self._layer = ffi.gc(raw, lib.free_batchnorm_layer)
-        check(lib.batchnorm_layer_set_numerics(self._layer, _NUMERICS[numerics], eps, momentum), "numerics")
+        self._layer = ffi.gc(raw, lib.dnbn_free_batchnorm_layer)
+        check(lib.dnbn_batchnorm_layer_set_numerics(self._layer, _NUMERICS[numerics], eps, momentum), "numerics")
 
         self._numerics, self._eps, self._momentum = numerics, eps, momentum
         # Fixed for the layer's life, kept at hand for the per-call checks.
         self._shapes = ((batch, c, h, w), (batch, c * h * w))
         self._count = batch * c * h * w
         self._trainable = batch * h * w >= 2
-        self._net = ffi.new("batchnorm_network *")
+        self._net = ffi.new("dnbn_network *")
         self._views = {}
         for name in _ACTIVATIONS:
             if name != "x_norm":  # x_norm is handed out fresh by _view_of, see below
@@ -148,7 +148,7 @@ class BatchNormLayer:
         if name != "x_norm":
             return self._views[name]
         if self._x_norm_stale:
-            check(lib.batchnorm_layer_fill_x_norm(self._layer), "x_norm")
+            check(lib.dnbn_batchnorm_layer_fill_x_norm(self._layer), "x_norm")
             self._x_norm_stale = False
         # A fresh exporter per access: every array derived from this one (slices,
         # reshapes: NumPy makes the exporter their base) keeps it alive, so the
@@ -206,7 +206,7 @@ class BatchNormLayer:
         net.train = train
         keep = bool(self._x_norm_refs) and self._x_norm_watched()
         self._layer.keep_x_norm = keep
-        status = lib.forward_batchnorm_layer(self._layer, net[0])
+        status = lib.dnbn_forward_batchnorm_layer(self._layer, net[0])
         net.input = ffi.NULL
         check(status, "forward")
         if train:
@@ -226,10 +226,10 @@ class BatchNormLayer:
             ArgumentTypeError: delta is not a float32 array.
             ArgumentError: delta has the wrong shape.
         """
-        if lib.batchnorm_layer_state(self._layer) != _STATE_TRAINING:
+        if lib.dnbn_batchnorm_layer_state(self._layer) != _STATE_TRAINING:
             raise LayerStateError("backward needs a training forward(input, train=True) first")
         arr = _validate.readable(delta, "delta", self._count, self._shapes)
-        check(lib.backward_batchnorm_layer_from(self._layer, floats(arr)), "backward")
+        check(lib.dnbn_backward_batchnorm_layer_from(self._layer, floats(arr)), "backward")
         return self._views["delta"].reshape(arr.shape)
 
     def update(self, learning_rate: float, momentum: float = 0.9, decay: float = 0.0) -> None:
@@ -241,7 +241,7 @@ class BatchNormLayer:
         lr = _validate.real(learning_rate, "learning_rate")
         mom = _validate.real(momentum, "momentum")
         dec = _validate.real(decay, "decay")
-        check(lib.update_batchnorm_layer(self._layer, lr, mom, dec), "update")
+        check(lib.dnbn_update_batchnorm_layer(self._layer, lr, mom, dec), "update")
 
     def load_weights(self, f: BinaryIO, layout: str = "batchnorm") -> None:
         """Read this layer's block of a Darknet ``.weights`` file from ``f`` at its current position.

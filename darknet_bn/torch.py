@@ -18,7 +18,7 @@ PyTorch. :func:`batch_norm` is the matching functional, with the arguments of
 
 How it computes. The C layer runs in standard numerics (SPEC §4: the paper's
 and PyTorch's arithmetic, exact gradients) through a ``torch.autograd.Function``
-that fills a fresh ``batchnorm_layer`` struct per call whose pointers are the
+that fills a fresh ``dnbn_layer`` struct per call whose pointers are the
 tensors' own memory: the input is read in place (and kept for backward without
 a copy), the output and the gradients are new tensors written by C, the running
 statistics are updated in place in the module's buffers, ``weight.grad`` and
@@ -88,8 +88,8 @@ from ._lib import check, ffi, lib
 __all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm", "convert_model"]
 
 _INT_MAX = 2**31 - 1
-_SCRATCH = int(lib.BATCHNORM_SCRATCH_DOUBLES)
-_SC_INV = int(lib.BATCHNORM_SCRATCH_INV)  # scratch row: [mean, normalizer, backward's] (csrc/darknet_bn.h)
+_SCRATCH = int(lib.DNBN_SCRATCH_DOUBLES)
+_SC_INV = int(lib.DNBN_SCRATCH_INV)  # scratch row: [mean, normalizer, backward's] (csrc/darknet_bn.h)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _is_functional = getattr(torch, "_is_functional_tensor", None)
@@ -159,15 +159,15 @@ def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias
 def _new_layer(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
                rolling_mean: torch.Tensor, rolling_var: torch.Tensor, stats: torch.Tensor,
                scratch: torch.Tensor, eps: float, momentum: float) -> Any:
-    """A caller-filled ``batchnorm_layer`` in standard numerics over the given tensors' memory.
+    """A caller-filled ``dnbn_layer`` in standard numerics over the given tensors' memory.
 
     ``stats`` holds mean, variance, mean_delta, variance_delta (4*C floats);
-    ``scratch`` BATCHNORM_SCRATCH_DOUBLES*C doubles. The numerics, eps and
-    momentum are set as fields: ``batchnorm_layer_set_numerics`` would reset
+    ``scratch`` DNBN_SCRATCH_DOUBLES*C doubles. The numerics, eps and
+    momentum are set as fields: ``dnbn_batchnorm_layer_set_numerics`` would reset
     the running statistics, which here are the module's buffers.
     """
     n, c, h, w = _dims(x)
-    layer = ffi.new("batchnorm_layer *")
+    layer = ffi.new("dnbn_layer *")
     layer.batch, layer.out_c, layer.out_h, layer.out_w, layer.outputs = n, c, h, w, c * h * w
     layer.output = _fp(out)
     layer.x = _fp(x)  # the input itself: forward does not copy it
@@ -214,8 +214,8 @@ class _BatchNormFunction(torch.autograd.Function):
         scratch = torch.empty(c * _SCRATCH, dtype=torch.float64)
         layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, stats, scratch, float(eps),
                            float(momentum) if training and tracked else 0.0)
-        net = ffi.new("batchnorm_network *", {"input": _fp(x), "delta": ffi.NULL, "train": 1 if training else 0})
-        check(lib.forward_batchnorm_layer(layer, net[0]), "darknet_bn.torch batch_norm forward")
+        net = ffi.new("dnbn_network *", {"input": _fp(x), "delta": ffi.NULL, "train": 1 if training else 0})
+        check(lib.dnbn_forward_batchnorm_layer(layer, net[0]), "darknet_bn.torch batch_norm forward")
 
         ctx.training = bool(training)
         ctx.save_for_backward(x, weight)
@@ -263,13 +263,13 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
         layer.delta = _fp(dx)
         layer.scale_updates, layer.bias_updates = _fp(dw), _fp(db)
         try:
-            check(lib.backward_batchnorm_layer_from(layer, _fp(dy)), "darknet_bn.torch batch_norm backward")
+            check(lib.dnbn_backward_batchnorm_layer_from(layer, _fp(dy)), "darknet_bn.torch batch_norm backward")
         finally:
             layer.delta = layer.scale_updates = layer.bias_updates = ffi.NULL
         return dx, dw, db
     # Only the parameters' gradients: the sums phase alone (no pass writing dx).
     sums = torch.empty(2, c, dtype=torch.float64)
-    check(lib.batchnorm_layer_backward_sums(layer, _fp(dy), _dp(sums[0]), _dp(sums[1])),
+    check(lib.dnbn_batchnorm_layer_backward_sums(layer, _fp(dy), _dp(sums[0]), _dp(sums[1])),
           "darknet_bn.torch batch_norm backward")
     inv = scratch.view(c, _SCRATCH)[:, _SC_INV]
     return None, (sums[1] * inv).float(), sums[0].float()

@@ -24,22 +24,22 @@ int main(void)
     printf("\n");
 
     /* The layer: one training step, then inference with the running statistics. */
-    batchnorm_layer *l = make_batchnorm_layer(BATCH, SPATIAL, 1, FILTERS);
+    dnbn_layer *l = dnbn_make_batchnorm_layer(BATCH, SPATIAL, 1, FILTERS);
     if (!l) return 1;
     float input[BATCH * FILTERS * SPATIAL] = {1, 2, 3, 10, 20, 30, 4, 5, 6, 40, 50, 60};
     float input_delta[BATCH * FILTERS * SPATIAL];
-    batchnorm_network net = {.input = input, .delta = input_delta, .train = 1};
-    if (forward_batchnorm_layer(l, net) != DNBN_OK) return 1;
+    dnbn_network net = {.input = input, .delta = input_delta, .train = 1};
+    if (dnbn_forward_batchnorm_layer(l, net) != DNBN_OK) return 1;
     for (int i = 0; i < BATCH * FILTERS * SPATIAL; i++) l->delta[i] = 0.05f * (float)(i % 4); /* -dLoss/dy from the next layer */
-    if (backward_batchnorm_layer(l, net) != DNBN_OK) return 1;
-    update_batchnorm_layer(l, 0.1f, 0.9f, 0.0f);
+    if (dnbn_backward_batchnorm_layer(l, net) != DNBN_OK) return 1;
+    dnbn_update_batchnorm_layer(l, 0.1f, 0.9f, 0.0f);
     printf("bias_updates %g %g (after momentum), biases %g %g\n", l->bias_updates[0], l->bias_updates[1],
            l->biases[0], l->biases[1]);
     printf("rolling_mean %g %g, rolling_variance %g %g\n", l->rolling_mean[0], l->rolling_mean[1],
            l->rolling_variance[0], l->rolling_variance[1]);
     net.train = 0;
-    if (forward_batchnorm_layer(l, net) != DNBN_OK) return 1;
+    if (dnbn_forward_batchnorm_layer(l, net) != DNBN_OK) return 1;
     printf("inference output[0] %g, path %s, threads %d\n", l->output[0], dnbn_simd_path(), dnbn_get_num_threads());
-    free_batchnorm_layer(l);
+    dnbn_free_batchnorm_layer(l);
     return 0;
 }

@@ -194,7 +194,7 @@ static double softmax_cross_entropy(const float *logits, const int *label, float
 
 typedef struct {
     connected_layer fc1;     /* 2 -> HIDDEN, no bias: the batch norm's beta is the bias */
-    batchnorm_layer *bn;     /* HIDDEN channels of 1x1 */
+    dnbn_layer *bn;     /* HIDDEN channels of 1x1 */
     float act[BATCH * HIDDEN];        /* leaky(bn output) */
     float fc1_delta[BATCH * HIDDEN];  /* -dLoss/d(fc1 output), written by the batch norm's backward */
     connected_layer fc2;     /* HIDDEN -> CLASSES */
@@ -204,11 +204,11 @@ typedef struct {
  * also backward and update. */
 static double run_batch(network *n, const float *x, const int *label, int train, int *correct)
 {
-    batchnorm_network bnet = {.input = n->fc1.output, .delta = n->fc1_delta, .train = train};
+    dnbn_network bnet = {.input = n->fc1.output, .delta = n->fc1_delta, .train = train};
 
     forward_connected_layer(&n->fc1, x);
-    if (forward_batchnorm_layer(n->bn, bnet) != DNBN_OK) {
-        fprintf(stderr, "forward_batchnorm_layer failed\n");
+    if (dnbn_forward_batchnorm_layer(n->bn, bnet) != DNBN_OK) {
+        fprintf(stderr, "dnbn_forward_batchnorm_layer failed\n");
         exit(1);
     }
     for (int i = 0; i < BATCH * HIDDEN; i++) n->act[i] = leaky(n->bn->output[i]);
@@ -220,15 +220,15 @@ static double run_batch(network *n, const float *x, const int *label, int train,
     float act_delta[BATCH * HIDDEN] = {0};
     backward_connected_layer(&n->fc2, n->act, act_delta);
     for (int i = 0; i < BATCH * HIDDEN; i++) n->bn->delta[i] = act_delta[i] * leaky_gradient(n->bn->output[i]);
-    if (backward_batchnorm_layer(n->bn, bnet) != DNBN_OK) {   /* -dLoss/d(fc1 output) into fc1_delta */
-        fprintf(stderr, "backward_batchnorm_layer failed\n");
+    if (dnbn_backward_batchnorm_layer(n->bn, bnet) != DNBN_OK) {   /* -dLoss/d(fc1 output) into fc1_delta */
+        fprintf(stderr, "dnbn_backward_batchnorm_layer failed\n");
         exit(1);
     }
     for (int i = 0; i < BATCH * HIDDEN; i++) n->fc1.delta[i] = n->fc1_delta[i];
     backward_connected_layer(&n->fc1, x, NULL);
 
     update_connected_layer(&n->fc1, LEARNING_RATE, MOMENTUM, DECAY);
-    update_batchnorm_layer(n->bn, LEARNING_RATE, MOMENTUM, DECAY);
+    dnbn_update_batchnorm_layer(n->bn, LEARNING_RATE, MOMENTUM, DECAY);
     update_connected_layer(&n->fc2, LEARNING_RATE, MOMENTUM, DECAY);
     return loss;
 }
@@ -241,9 +241,9 @@ int main(void)
         fprintf(stderr, "out of memory\n");
         return 1;
     }
-    n.bn = make_batchnorm_layer(BATCH, 1, 1, HIDDEN);
+    n.bn = dnbn_make_batchnorm_layer(BATCH, 1, 1, HIDDEN);
     if (!n.bn) {
-        perror("make_batchnorm_layer");
+        perror("dnbn_make_batchnorm_layer");
         return 1;
     }
     printf("tiny_net: %d -> connected %d -> batchnorm -> leaky -> connected %d -> softmax, XOR of 4 clusters, "
@@ -281,7 +281,7 @@ int main(void)
            test_loss / (TEST_BATCHES * BATCH), 100.0 * accuracy, TEST_BATCHES * BATCH);
     printf("final loss %.4f (start %.4f)\n", last_window, start);
 
-    free_batchnorm_layer(n.bn);
+    dnbn_free_batchnorm_layer(n.bn);
     free_connected_layer(&n.fc1);
     free_connected_layer(&n.fc2);
     if (!(last_window * FACTOR <= start) || accuracy < 0.9) {

@@ -24,8 +24,8 @@ SPEC_KERNELS = {
 SIZE_NAMES = {"batch", "filters", "spatial", "n", "size"}
 
 # SPEC §8: the layer API.
-SPEC_LAYER_FUNCTIONS = ["make_batchnorm_layer", "forward_batchnorm_layer", "backward_batchnorm_layer",
-                        "update_batchnorm_layer", "free_batchnorm_layer"]
+SPEC_LAYER_FUNCTIONS = ["dnbn_make_batchnorm_layer", "dnbn_forward_batchnorm_layer", "dnbn_backward_batchnorm_layer",
+                        "dnbn_update_batchnorm_layer", "dnbn_free_batchnorm_layer"]
 SPEC_LAYER_FIELDS = ["batch", "out_c", "out_h", "out_w", "outputs", "output", "delta", "x", "x_norm",
                      "scales", "biases", "scale_updates", "bias_updates", "mean", "variance",
                      "rolling_mean", "rolling_variance", "mean_delta", "variance_delta"]
@@ -141,13 +141,13 @@ def test_header_declares_layer_api(header_protos, header_text):
     """The header has SPEC §8's layer functions and a struct with Darknet's field names."""
     for name in SPEC_LAYER_FUNCTIONS:
         assert name in header_protos, name
-    assert signature(header_protos["make_batchnorm_layer"])[1] == ("int", "int", "int", "int")
-    assert [n for _, n in header_protos["make_batchnorm_layer"][1]] == ["batch", "w", "h", "c"]
-    body = re.search(r"typedef struct batchnorm_layer\s*\{(.*?)\}", strip_comments(header_text), re.S)
-    assert body, "struct batchnorm_layer not found"
+    assert signature(header_protos["dnbn_make_batchnorm_layer"])[1] == ("int", "int", "int", "int")
+    assert [n for _, n in header_protos["dnbn_make_batchnorm_layer"][1]] == ["batch", "w", "h", "c"]
+    body = re.search(r"typedef struct dnbn_layer\s*\{(.*?)\}", strip_comments(header_text), re.S)
+    assert body, "struct dnbn_layer not found"
     fields = set(re.findall(r"[\s*,]([A-Za-z_]\w*)\s*(?=[;,])", body.group(1)))
     missing = [f for f in SPEC_LAYER_FIELDS if f not in fields]
-    assert not missing, f"fields missing from batchnorm_layer: {missing}"
+    assert not missing, f"fields missing from dnbn_layer: {missing}"
 
 
 def test_cdef_matches_header(header_protos):
@@ -190,10 +190,10 @@ def test_compiled_constants_match_header(header_text):
 
 
 def test_compiled_layer_struct_fields():
-    """The compiled struct batchnorm_layer has Darknet's field names with the header's types."""
+    """The compiled struct dnbn_layer has Darknet's field names with the header's types."""
     from darknet_bn import _darknet_bn
     ffi = _darknet_bn.ffi
-    fields = dict(ffi.typeof("batchnorm_layer").fields)
+    fields = dict(ffi.typeof("dnbn_layer").fields)
     for name in SPEC_LAYER_FIELDS:
         assert name in fields, name
         want = "int" if name in ("batch", "out_c", "out_h", "out_w", "outputs") else "float *"

@@ -46,16 +46,16 @@ int main(void)
     variance_cpu(x, mean, 2, 2, 3, variance);
     printf("mean %g %g variance %g %g\n", mean[0], mean[1], variance[0], variance[1]);
 
-    batchnorm_layer *l = make_batchnorm_layer(2, 3, 1, 2);
+    dnbn_layer *l = dnbn_make_batchnorm_layer(2, 3, 1, 2);
     if (!l) return 1;
     float dx[12];
-    batchnorm_network net = {.input = x, .delta = dx, .train = 1};
-    if (forward_batchnorm_layer(l, net) != DNBN_OK) return 2;
+    dnbn_network net = {.input = x, .delta = dx, .train = 1};
+    if (dnbn_forward_batchnorm_layer(l, net) != DNBN_OK) return 2;
     for (int i = 0; i < 12; i++) l->delta[i] = 0.1f * (float)i;
-    if (backward_batchnorm_layer(l, net) != DNBN_OK) return 3;
-    if (update_batchnorm_layer(l, 0.1f, 0.9f, 0.0f) != DNBN_OK) return 4;
+    if (dnbn_backward_batchnorm_layer(l, net) != DNBN_OK) return 3;
+    if (dnbn_update_batchnorm_layer(l, 0.1f, 0.9f, 0.0f) != DNBN_OK) return 4;
     printf("rolling_mean %g %g\n", l->rolling_mean[0], l->rolling_mean[1]);
-    free_batchnorm_layer(l);
+    dnbn_free_batchnorm_layer(l);
     printf("version %s simd %s threads %d\n", dnbn_version(), dnbn_simd_path(), dnbn_get_num_threads());
     return 0;
 }

@@ -45,12 +45,12 @@ def test_two_shards_equal_whole_batch(numerics, shape):
     xs = [np.ascontiguousarray(x[lo:hi]) for lo, hi in shards]
     mean, m2 = _doubles(c), _doubles(c)
     mean_b, m2_b = _doubles(c), _doubles(c)
-    lib.batchnorm_moments(_fptr(xs[0]), cut, c, h * w, _dptr(mean), _dptr(m2))
-    lib.batchnorm_moments(_fptr(xs[1]), b - cut, c, h * w, _dptr(mean_b), _dptr(m2_b))
-    lib.batchnorm_moments_combine(c, cut * h * w, _dptr(mean), _dptr(m2), (b - cut) * h * w, _dptr(mean_b), _dptr(m2_b))
+    lib.dnbn_batchnorm_moments(_fptr(xs[0]), cut, c, h * w, _dptr(mean), _dptr(m2))
+    lib.dnbn_batchnorm_moments(_fptr(xs[1]), b - cut, c, h * w, _dptr(mean_b), _dptr(m2_b))
+    lib.dnbn_batchnorm_moments_combine(c, cut * h * w, _dptr(mean), _dptr(m2), (b - cut) * h * w, _dptr(mean_b), _dptr(m2_b))
     # phase 3: each shard's elementwise pass with the global statistics
     for layer, xi in zip(layers, xs):
-        assert lib.batchnorm_layer_forward_moments(layer._layer, _fptr(xi), b * h * w, _dptr(mean), _dptr(m2)) == 0
+        assert lib.dnbn_batchnorm_layer_forward_moments(layer._layer, _fptr(xi), b * h * w, _dptr(mean), _dptr(m2)) == 0
     assert_close(np.concatenate([layers[0].output, layers[1].output]), y_whole, what="sharded output")
     for layer in layers:
         assert_close(layer.rolling_mean, whole.rolling_mean, what="rolling_mean")
@@ -61,11 +61,11 @@ def test_two_shards_equal_whole_batch(numerics, shape):
     total_s, total_sd = _doubles(c), _doubles(c)
     for layer, d in zip(layers, dys):
         s, sd = _doubles(c), _doubles(c)
-        assert lib.batchnorm_layer_backward_sums(layer._layer, _fptr(d), _dptr(s), _dptr(sd)) == 0
+        assert lib.dnbn_batchnorm_layer_backward_sums(layer._layer, _fptr(d), _dptr(s), _dptr(sd)) == 0
         total_s += s
         total_sd += sd
     for layer, d in zip(layers, dys):
-        assert lib.batchnorm_layer_backward_apply(layer._layer, _fptr(d), b * h * w, _dptr(total_s), _dptr(total_sd)) == 0
+        assert lib.dnbn_batchnorm_layer_backward_apply(layer._layer, _fptr(d), b * h * w, _dptr(total_s), _dptr(total_sd)) == 0
     assert_close(np.concatenate([layers[0].delta, layers[1].delta]), dx_whole, what="sharded input delta")
     for layer in layers:
         assert_close(layer.bias_updates, whole.bias_updates, what="bias_updates")
@@ -77,6 +77,6 @@ def test_phases_check_their_arguments():
     layer = darknet_bn.BatchNormLayer(2, 2, 2, 2)
     x = np.ones((2, 2, 2, 2), np.float32)
     mean, m2 = _doubles(2), _doubles(2)
-    assert lib.batchnorm_layer_forward_moments(layer._layer, _fptr(x), 1.0, _dptr(mean), _dptr(m2)) == 1
-    assert lib.batchnorm_layer_backward_sums(layer._layer, _fptr(x), _dptr(mean), _dptr(m2)) == 3
-    assert lib.batchnorm_layer_backward_apply(layer._layer, _fptr(x), 8.0, _dptr(mean), _dptr(m2)) == 3
+    assert lib.dnbn_batchnorm_layer_forward_moments(layer._layer, _fptr(x), 1.0, _dptr(mean), _dptr(m2)) == 1
+    assert lib.dnbn_batchnorm_layer_backward_sums(layer._layer, _fptr(x), _dptr(mean), _dptr(m2)) == 3
+    assert lib.dnbn_batchnorm_layer_backward_apply(layer._layer, _fptr(x), 8.0, _dptr(mean), _dptr(m2)) == 3

@@ -987,7 +987,7 @@ static void snap_free(lsnap *s)
 
 /* Every buffer of the layer (for "unchanged" checks). */
 #define LAYER_NBUF 14
-static void layer_bufs(batchnorm_layer *l, float *p[LAYER_NBUF], size_t len[LAYER_NBUF], const char *name[LAYER_NBUF])
+static void layer_bufs(dnbn_layer *l, float *p[LAYER_NBUF], size_t len[LAYER_NBUF], const char *name[LAYER_NBUF])
 {
     size_t N = (size_t)l->batch * l->outputs, C = (size_t)l->out_c;
     float *pp[LAYER_NBUF] = {l->output, l->delta, l->x, l->x_norm, l->scales, l->biases, l->scale_updates,
@@ -1010,7 +1010,7 @@ typedef struct {
     size_t len[LAYER_NBUF];
 } lcopy;
 
-static void layer_copy(batchnorm_layer *l, lcopy *c)
+static void layer_copy(dnbn_layer *l, lcopy *c)
 {
     float *p[LAYER_NBUF];
     layer_bufs(l, p, c->len, NULL);
@@ -1019,7 +1019,7 @@ static void layer_copy(batchnorm_layer *l, lcopy *c)
 }
 
 /* Checks every buffer of l except those with skip[k] against the copy. */
-static void layer_unchanged(const char *test, const char *when, batchnorm_layer *l, lcopy *c, int skip_output)
+static void layer_unchanged(const char *test, const char *when, dnbn_layer *l, lcopy *c, int skip_output)
 {
     float *p[LAYER_NBUF];
     size_t len[LAYER_NBUF];
@@ -1053,8 +1053,8 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
     rng_init(&r, 5000u + (uint64_t)numerics * 17u + (uint64_t)B * 31u + (uint64_t)C * 131u + (uint64_t)S * 7919u);
 
     errno = 0;
-    batchnorm_layer *l = make_batchnorm_layer(B, sh->W, sh->H, C);
-    if (!check_true(tn, "make_batchnorm_layer returned a layer", l != NULL))
+    dnbn_layer *l = dnbn_make_batchnorm_layer(B, sh->W, sh->H, C);
+    if (!check_true(tn, "dnbn_make_batchnorm_layer returned a layer", l != NULL))
         return;
 
     /* initial state (§3) */
@@ -1064,7 +1064,7 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
     check_int(tn, "out_w", l->out_w, sh->W);
     check_int(tn, "outputs == c*h*w", l->outputs, (long)C * S);
     check_int(tn, "numerics of a new layer", l->numerics, DNBN_NUMERICS_DARKNET);
-    check_int(tn, "batchnorm_layer_state of a new layer", batchnorm_layer_state(l), 0);
+    check_int(tn, "dnbn_batchnorm_layer_state of a new layer", dnbn_batchnorm_layer_state(l), 0);
     check_const(tn, "initial scales", l->scales, Cz, 1.0f);
     check_const(tn, "initial biases", l->biases, Cz, 0.0f);
     check_const(tn, "initial rolling_mean", l->rolling_mean, Cz, 0.0f);
@@ -1077,8 +1077,8 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
 
     double eps = 1e-5f, mom = 0.1f;
     if (std_num) {
-        check_int(tn, "batchnorm_layer_set_numerics(STANDARD, 1e-5, 0.1)",
-                  batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f), DNBN_OK);
+        check_int(tn, "dnbn_batchnorm_layer_set_numerics(STANDARD, 1e-5, 0.1)",
+                  dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f), DNBN_OK);
         check_int(tn, "numerics after set_numerics", l->numerics, DNBN_NUMERICS_STANDARD);
         check_true(tn, "eps field == 1e-5f", l->eps == 1e-5f);
         check_true(tn, "momentum field == 0.1f", l->momentum == 0.1f);
@@ -1093,9 +1093,9 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
     for (int step = 0; step < 3; step++) {
         snprintf(ts, sizeof ts, "%s step %d", tn, step + 1);
         fill_gauss(&r, in, N, 0.3 + 0.2 * step, 1.5 + 0.25 * step);
-        batchnorm_network net = {.input = in, .delta = netd, .train = 1};
-        check_int(ts, "forward status", forward_batchnorm_layer(l, net), DNBN_OK);
-        check_int(ts, "state after a training forward", batchnorm_layer_state(l), 2);
+        dnbn_network net = {.input = in, .delta = netd, .train = 1};
+        check_int(ts, "forward status", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
+        check_int(ts, "state after a training forward", dnbn_batchnorm_layer_state(l), 2);
         ol_forward(&o, in, 1);
         check_buf(ts, "forward output", l->output, o.out, N, 0);
         check_same(ts, "x (the input kept)", l->x, in, N);
@@ -1108,7 +1108,7 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
         fill_gauss(&r, l->delta, N, 0.0, 1.0);
         memcpy(dy, l->delta, N * sizeof(float));
         fill_const(netd, N, GARBAGE);
-        check_int(ts, "backward status", backward_batchnorm_layer(l, net), DNBN_OK);
+        check_int(ts, "backward status", dnbn_backward_batchnorm_layer(l, net), DNBN_OK);
         ol_backward(&o, dy);
         check_buf(ts, "bias_updates after backward", l->bias_updates, o.bu, Cz, 0);
         check_buf(ts, "scale_updates after backward", l->scale_updates, o.su, Cz, 0);
@@ -1119,7 +1119,7 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
         check_buf(ts, "l->delta after backward (-dLoss/dx)", l->delta, o.delta, N, 0);
         check_buf(ts, "net.delta after backward (-dLoss/dx)", netd, o.delta, N, 0);
 
-        check_int(ts, "update status", update_batchnorm_layer(l, lr, momentum, decay), DNBN_OK);
+        check_int(ts, "update status", dnbn_update_batchnorm_layer(l, lr, momentum, decay), DNBN_OK);
         ol_update(&o, (double)lr, (double)momentum);
         check_buf(ts, "scales after update", l->scales, o.scales, Cz, 0);
         check_buf(ts, "biases after update", l->biases, o.biases, Cz, 0);
@@ -1132,9 +1132,9 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
     fill_gauss(&r, in, N, 0.3, 1.5);
     lcopy before;
     layer_copy(l, &before);
-    batchnorm_network inet = {.input = in, .delta = NULL, .train = 0};
-    check_int(ts, "forward status", forward_batchnorm_layer(l, inet), DNBN_OK);
-    check_int(ts, "state after an inference forward", batchnorm_layer_state(l), 1);
+    dnbn_network inet = {.input = in, .delta = NULL, .train = 0};
+    check_int(ts, "forward status", dnbn_forward_batchnorm_layer(l, inet), DNBN_OK);
+    check_int(ts, "state after an inference forward", dnbn_batchnorm_layer_state(l), 1);
     ol_forward(&o, in, 0);
     check_buf(ts, "inference output", l->output, o.out, N, 0);
     layer_unchanged(ts, "by inference", l, &before, 1);
@@ -1152,7 +1152,7 @@ static void layer_sequence(const lshape *sh, int numerics, int threads, lsnap *s
     free(dy);
     free(netd);
     ol_free(&o);
-    free_batchnorm_layer(l);
+    dnbn_free_batchnorm_layer(l);
 }
 
 /* The layer sequence in both numerics at 1 and 2 threads; the two thread counts agree within tolerance. */
@@ -1199,22 +1199,22 @@ static void test_layer_offset_stats(void)
             snprintf(tn, sizeof tn, "layer %s offset statistics [4x8x13x13, %d thread%s]",
                      numerics ? "standard" : "darknet", t, t > 1 ? "s" : "");
             dnbn_set_num_threads(t);
-            batchnorm_layer *l = make_batchnorm_layer(B, W, H, C);
-            if (!check_true(tn, "make_batchnorm_layer", l != NULL))
+            dnbn_layer *l = dnbn_make_batchnorm_layer(B, W, H, C);
+            if (!check_true(tn, "dnbn_make_batchnorm_layer", l != NULL))
                 continue;
             if (numerics)
-                batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
+                dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
             olayer o;
             ol_init(&o, B, C, S, numerics, 1e-5f, 0.1f);
-            batchnorm_network net = {.input = in, .delta = NULL, .train = 1};
-            check_int(tn, "forward status", forward_batchnorm_layer(l, net), DNBN_OK);
+            dnbn_network net = {.input = in, .delta = NULL, .train = 1};
+            check_int(tn, "forward status", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
             ol_forward(&o, in, 1);
             check_buf(tn, "mean", l->mean, o.mean, (size_t)C, 1);
             check_buf(tn, "variance", l->variance, o.var, (size_t)C, 1);
             check_buf(tn, "rolling_mean", l->rolling_mean, o.rm, (size_t)C, 0);
             check_buf(tn, "rolling_variance", l->rolling_variance, o.rv, (size_t)C, 0);
             ol_free(&o);
-            free_batchnorm_layer(l);
+            dnbn_free_batchnorm_layer(l);
         }
     free(in);
 }
@@ -1224,11 +1224,11 @@ static void test_forward_m_below_2(void)
 {
     g_test = __func__;
     const int C = 3;
-    const char *tn = "forward_batchnorm_layer [1x3x1x1, m = 1]";
+    const char *tn = "dnbn_forward_batchnorm_layer [1x3x1x1, m = 1]";
     for (int t = 1; t <= 2; t++) {
         dnbn_set_num_threads(t);
-        batchnorm_layer *l = make_batchnorm_layer(1, 1, 1, C);
-        if (!check_true(tn, "make_batchnorm_layer(1, 1, 1, 3) returns a layer", l != NULL))
+        dnbn_layer *l = dnbn_make_batchnorm_layer(1, 1, 1, C);
+        if (!check_true(tn, "dnbn_make_batchnorm_layer(1, 1, 1, 3) returns a layer", l != NULL))
             return;
         fill_const(l->output, C, 5.0f);
         fill_const(l->x, C, 5.5f);
@@ -1242,20 +1242,20 @@ static void test_forward_m_below_2(void)
         lcopy before;
         layer_copy(l, &before);
         float in[3] = {1.0f, -2.0f, 4.0f};
-        batchnorm_network net = {.input = in, .delta = NULL, .train = 1};
-        check_int(tn, "training forward status", forward_batchnorm_layer(l, net), DNBN_ERR_ARG);
+        dnbn_network net = {.input = in, .delta = NULL, .train = 1};
+        check_int(tn, "training forward status", dnbn_forward_batchnorm_layer(l, net), DNBN_ERR_ARG);
         layer_unchanged(tn, "after the failed training forward", l, &before, 0);
-        check_int(tn, "state after the failed forward", batchnorm_layer_state(l), 0);
-        check_int(tn, "backward after the failed forward", backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
+        check_int(tn, "state after the failed forward", dnbn_batchnorm_layer_state(l), 0);
+        check_int(tn, "backward after the failed forward", dnbn_backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
         net.train = 0;
-        check_int(tn, "inference forward status", forward_batchnorm_layer(l, net), DNBN_OK);
+        check_int(tn, "inference forward status", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
         double want[3];
         for (int f = 0; f < C; f++)
             want[f] = (in[f] - 3.0) / (sqrt(5.0) + 1e-6) * 2.0 + 0.5;
         check_buf(tn, "inference output with m = 1", l->output, want, 3, 0);
-        check_int(tn, "state after the inference forward", batchnorm_layer_state(l), 1);
+        check_int(tn, "state after the inference forward", dnbn_batchnorm_layer_state(l), 1);
         layer_copy_free(&before);
-        free_batchnorm_layer(l);
+        dnbn_free_batchnorm_layer(l);
     }
 }
 
@@ -1263,10 +1263,10 @@ static void test_forward_m_below_2(void)
 static void test_backward_state(void)
 {
     g_test = __func__;
-    const char *tn = "backward_batchnorm_layer state [2x2x3x3]";
+    const char *tn = "dnbn_backward_batchnorm_layer state [2x2x3x3]";
     dnbn_set_num_threads(2);
-    batchnorm_layer *l = make_batchnorm_layer(2, 3, 3, 2);
-    if (!check_true(tn, "make_batchnorm_layer", l != NULL))
+    dnbn_layer *l = dnbn_make_batchnorm_layer(2, 3, 3, 2);
+    if (!check_true(tn, "dnbn_make_batchnorm_layer", l != NULL))
         return;
     size_t N = 2 * 2 * 9;
     rng_t r;
@@ -1276,48 +1276,48 @@ static void test_backward_state(void)
     fill_gauss(&r, l->delta, N, 0.0, 1.0);
     fill_gauss(&r, dbuf, N, 0.0, 1.0);
     fill_const(netd, N, GARBAGE);
-    batchnorm_network net = {.input = in, .delta = netd, .train = 1};
+    dnbn_network net = {.input = in, .delta = netd, .train = 1};
     lcopy c0;
     layer_copy(l, &c0);
-    check_int(tn, "backward before any forward", backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
-    check_int(tn, "backward_batchnorm_layer_from before any forward", backward_batchnorm_layer_from(l, dbuf),
+    check_int(tn, "backward before any forward", dnbn_backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
+    check_int(tn, "dnbn_backward_batchnorm_layer_from before any forward", dnbn_backward_batchnorm_layer_from(l, dbuf),
               DNBN_ERR_STATE);
     layer_unchanged(tn, "after backward before any forward", l, &c0, 0);
     check_const(tn, "net.delta untouched by the failed backward", netd, N, GARBAGE);
     layer_copy_free(&c0);
 
     net.train = 0;
-    check_int(tn, "inference forward", forward_batchnorm_layer(l, net), DNBN_OK);
+    check_int(tn, "inference forward", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
     net.train = 1;
     layer_copy(l, &c0);
-    check_int(tn, "backward after an inference forward", backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
-    check_int(tn, "backward_batchnorm_layer_from after an inference forward", backward_batchnorm_layer_from(l, dbuf),
+    check_int(tn, "backward after an inference forward", dnbn_backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
+    check_int(tn, "dnbn_backward_batchnorm_layer_from after an inference forward", dnbn_backward_batchnorm_layer_from(l, dbuf),
               DNBN_ERR_STATE);
     layer_unchanged(tn, "after backward after inference", l, &c0, 0);
     layer_copy_free(&c0);
 
-    check_int(tn, "training forward", forward_batchnorm_layer(l, net), DNBN_OK);
+    check_int(tn, "training forward", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
     net.train = 0;
     layer_copy(l, &c0);
-    check_int(tn, "backward with net.train == 0", backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
+    check_int(tn, "backward with net.train == 0", dnbn_backward_batchnorm_layer(l, net), DNBN_ERR_STATE);
     layer_unchanged(tn, "after backward with net.train == 0", l, &c0, 0);
     layer_copy_free(&c0);
     net.train = 1;
-    check_int(tn, "backward after the training forward", backward_batchnorm_layer(l, net), DNBN_OK);
+    check_int(tn, "backward after the training forward", dnbn_backward_batchnorm_layer(l, net), DNBN_OK);
 
     /* NULL arguments */
-    check_int(tn, "forward_batchnorm_layer(NULL, net)", forward_batchnorm_layer(NULL, net), DNBN_ERR_ARG);
-    check_int(tn, "backward_batchnorm_layer(NULL, net)", backward_batchnorm_layer(NULL, net), DNBN_ERR_ARG);
-    check_int(tn, "update_batchnorm_layer(NULL, ...)", update_batchnorm_layer(NULL, 0.1f, 0.9f, 0.0f), DNBN_ERR_ARG);
-    batchnorm_network nonet = {.input = NULL, .delta = NULL, .train = 1};
+    check_int(tn, "dnbn_forward_batchnorm_layer(NULL, net)", dnbn_forward_batchnorm_layer(NULL, net), DNBN_ERR_ARG);
+    check_int(tn, "dnbn_backward_batchnorm_layer(NULL, net)", dnbn_backward_batchnorm_layer(NULL, net), DNBN_ERR_ARG);
+    check_int(tn, "dnbn_update_batchnorm_layer(NULL, ...)", dnbn_update_batchnorm_layer(NULL, 0.1f, 0.9f, 0.0f), DNBN_ERR_ARG);
+    dnbn_network nonet = {.input = NULL, .delta = NULL, .train = 1};
     layer_copy(l, &c0);
-    check_int(tn, "forward with net.input == NULL", forward_batchnorm_layer(l, nonet), DNBN_ERR_ARG);
+    check_int(tn, "forward with net.input == NULL", dnbn_forward_batchnorm_layer(l, nonet), DNBN_ERR_ARG);
     layer_unchanged(tn, "after forward with net.input == NULL", l, &c0, 0);
     layer_copy_free(&c0);
-    free_batchnorm_layer(l);
+    dnbn_free_batchnorm_layer(l);
 }
 
-/* make_batchnorm_layer with a zero, negative or overflowing size returns NULL with errno EINVAL; free(NULL) is fine. */
+/* dnbn_make_batchnorm_layer with a zero, negative or overflowing size returns NULL with errno EINVAL; free(NULL) is fine. */
 static void test_make_errors(void)
 {
     g_test = __func__;
@@ -1326,16 +1326,16 @@ static void test_make_errors(void)
                                  {INT_MAX, INT_MAX, INT_MAX, INT_MAX}};
     char tn[128];
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
-        snprintf(tn, sizeof tn, "make_batchnorm_layer(%d, %d, %d, %d)", bad[k][0], bad[k][1], bad[k][2], bad[k][3]);
+        snprintf(tn, sizeof tn, "dnbn_make_batchnorm_layer(%d, %d, %d, %d)", bad[k][0], bad[k][1], bad[k][2], bad[k][3]);
         errno = 0;
-        batchnorm_layer *l = make_batchnorm_layer(bad[k][0], bad[k][1], bad[k][2], bad[k][3]);
+        dnbn_layer *l = dnbn_make_batchnorm_layer(bad[k][0], bad[k][1], bad[k][2], bad[k][3]);
         int e = errno;
         check_true(tn, "returns NULL", l == NULL);
         check_int(tn, "errno", e, EINVAL);
-        free_batchnorm_layer(l);
+        dnbn_free_batchnorm_layer(l);
     }
-    free_batchnorm_layer(NULL);
-    check_true("free_batchnorm_layer(NULL)", "returns", 1);
+    dnbn_free_batchnorm_layer(NULL);
+    check_true("dnbn_free_batchnorm_layer(NULL)", "returns", 1);
 }
 
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
@@ -1382,40 +1382,40 @@ static void test_info(void)
 static void test_set_numerics(void)
 {
     g_test = __func__;
-    const char *tn = "batchnorm_layer_set_numerics [3x4x3x3]";
+    const char *tn = "dnbn_batchnorm_layer_set_numerics [3x4x3x3]";
     const int B = 3, W = 3, H = 3, C = 4, S = 9;
     size_t N = (size_t)B * C * S;
     dnbn_set_num_threads(2);
-    batchnorm_layer *l = make_batchnorm_layer(B, W, H, C);
-    if (!check_true(tn, "make_batchnorm_layer", l != NULL))
+    dnbn_layer *l = dnbn_make_batchnorm_layer(B, W, H, C);
+    if (!check_true(tn, "dnbn_make_batchnorm_layer", l != NULL))
         return;
     rng_t r;
     rng_init(&r, 11);
     float *in = falloc(N);
     fill_gauss(&r, in, N, 0.5, 2.0);
-    batchnorm_network net = {.input = in, .delta = NULL, .train = 1};
-    check_int(tn, "training forward", forward_batchnorm_layer(l, net), DNBN_OK);
+    dnbn_network net = {.input = in, .delta = NULL, .train = 1};
+    check_int(tn, "training forward", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
 
     lcopy c0;
     layer_copy(l, &c0);
-    check_int(tn, "numerics = 2", batchnorm_layer_set_numerics(l, 2, 1e-5f, 0.1f), DNBN_ERR_ARG);
-    check_int(tn, "numerics = -1", batchnorm_layer_set_numerics(l, -1, 1e-5f, 0.1f), DNBN_ERR_ARG);
-    check_int(tn, "standard, eps = 0", batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 0.0f, 0.1f),
+    check_int(tn, "numerics = 2", dnbn_batchnorm_layer_set_numerics(l, 2, 1e-5f, 0.1f), DNBN_ERR_ARG);
+    check_int(tn, "numerics = -1", dnbn_batchnorm_layer_set_numerics(l, -1, 1e-5f, 0.1f), DNBN_ERR_ARG);
+    check_int(tn, "standard, eps = 0", dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 0.0f, 0.1f),
               DNBN_ERR_ARG);
-    check_int(tn, "standard, eps = -1e-5", batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, -1e-5f, 0.1f),
+    check_int(tn, "standard, eps = -1e-5", dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, -1e-5f, 0.1f),
               DNBN_ERR_ARG);
-    check_int(tn, "standard, momentum = -0.1", batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, -0.1f),
+    check_int(tn, "standard, momentum = -0.1", dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, -0.1f),
               DNBN_ERR_ARG);
-    check_int(tn, "standard, momentum = 1.5", batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 1.5f),
+    check_int(tn, "standard, momentum = 1.5", dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 1.5f),
               DNBN_ERR_ARG);
-    check_int(tn, "set_numerics(NULL, ...)", batchnorm_layer_set_numerics(NULL, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f),
+    check_int(tn, "set_numerics(NULL, ...)", dnbn_batchnorm_layer_set_numerics(NULL, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f),
               DNBN_ERR_ARG);
     check_int(tn, "numerics after the rejected calls", l->numerics, DNBN_NUMERICS_DARKNET);
     layer_unchanged(tn, "after the rejected calls", l, &c0, 0);
     layer_copy_free(&c0);
 
     check_int(tn, "standard, eps 1e-3, momentum 0.2",
-              batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-3f, 0.2f), DNBN_OK);
+              dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-3f, 0.2f), DNBN_OK);
     check_const(tn, "rolling_mean reset to 0", l->rolling_mean, (size_t)C, 0.0f);
     check_const(tn, "rolling_variance reset to 1", l->rolling_variance, (size_t)C, 1.0f);
     /* a training and an inference forward with eps 1e-3 and momentum 0.2 */
@@ -1423,23 +1423,23 @@ static void test_set_numerics(void)
     ol_init(&o, B, C, S, DNBN_NUMERICS_STANDARD, (double)1e-3f, (double)0.2f);
     for (int f = 0; f < C; f++)
         o.scales[f] = l->scales[f], o.biases[f] = l->biases[f];
-    check_int(tn, "training forward (standard)", forward_batchnorm_layer(l, net), DNBN_OK);
+    check_int(tn, "training forward (standard)", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
     ol_forward(&o, in, 1);
     check_buf(tn, "output with eps 1e-3", l->output, o.out, N, 0);
     check_buf(tn, "rolling_mean with momentum 0.2", l->rolling_mean, o.rm, (size_t)C, 0);
     check_buf(tn, "rolling_variance with momentum 0.2", l->rolling_variance, o.rv, (size_t)C, 0);
     net.train = 0;
-    check_int(tn, "inference forward (standard)", forward_batchnorm_layer(l, net), DNBN_OK);
+    check_int(tn, "inference forward (standard)", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
     ol_forward(&o, in, 0);
     check_buf(tn, "inference output with eps 1e-3", l->output, o.out, N, 0);
     ol_free(&o);
 
-    check_int(tn, "back to darknet", batchnorm_layer_set_numerics(l, DNBN_NUMERICS_DARKNET, 1e-5f, 0.01f), DNBN_OK);
+    check_int(tn, "back to darknet", dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_DARKNET, 1e-5f, 0.01f), DNBN_OK);
     check_int(tn, "numerics", l->numerics, DNBN_NUMERICS_DARKNET);
     check_const(tn, "darknet rolling_mean reset to 0", l->rolling_mean, (size_t)C, 0.0f);
     check_const(tn, "darknet rolling_variance reset to 0", l->rolling_variance, (size_t)C, 0.0f);
     free(in);
-    free_batchnorm_layer(l);
+    dnbn_free_batchnorm_layer(l);
 }
 
 /* A forward whose net.input is l->output itself gives the same result as one with a separate input. */
@@ -1451,25 +1451,25 @@ static void test_input_is_output(void)
     size_t N = (size_t)B * C * W * H;
     dnbn_set_num_threads(2);
     for (int numerics = 0; numerics <= 1; numerics++) {
-        batchnorm_layer *a = make_batchnorm_layer(B, W, H, C), *b = make_batchnorm_layer(B, W, H, C);
-        if (!check_true(tn, "make_batchnorm_layer", a && b)) {
-            free_batchnorm_layer(a);
-            free_batchnorm_layer(b);
+        dnbn_layer *a = dnbn_make_batchnorm_layer(B, W, H, C), *b = dnbn_make_batchnorm_layer(B, W, H, C);
+        if (!check_true(tn, "dnbn_make_batchnorm_layer", a && b)) {
+            dnbn_free_batchnorm_layer(a);
+            dnbn_free_batchnorm_layer(b);
             return;
         }
         if (numerics) {
-            batchnorm_layer_set_numerics(a, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
-            batchnorm_layer_set_numerics(b, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
+            dnbn_batchnorm_layer_set_numerics(a, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
+            dnbn_batchnorm_layer_set_numerics(b, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
         }
         rng_t r;
         rng_init(&r, 21 + (uint64_t)numerics);
         float *in = falloc(N);
         fill_gauss(&r, in, N, 0.3, 1.5);
-        batchnorm_network na = {.input = in, .delta = NULL, .train = 1};
+        dnbn_network na = {.input = in, .delta = NULL, .train = 1};
         memcpy(b->output, in, N * sizeof(float));
-        batchnorm_network nb = {.input = b->output, .delta = NULL, .train = 1};
-        check_int(tn, "training forward, separate input", forward_batchnorm_layer(a, na), DNBN_OK);
-        check_int(tn, "training forward, input == output", forward_batchnorm_layer(b, nb), DNBN_OK);
+        dnbn_network nb = {.input = b->output, .delta = NULL, .train = 1};
+        check_int(tn, "training forward, separate input", dnbn_forward_batchnorm_layer(a, na), DNBN_OK);
+        check_int(tn, "training forward, input == output", dnbn_forward_batchnorm_layer(b, nb), DNBN_OK);
         check_ff(tn, "training output", b->output, a->output, N, 0);
         check_same(tn, "x", b->x, in, N);
         check_ff(tn, "x_norm", b->x_norm, a->x_norm, N, 0);
@@ -1478,51 +1478,51 @@ static void test_input_is_output(void)
         fill_gauss(&r, in, N, 0.3, 1.5);
         memcpy(b->output, in, N * sizeof(float));
         na.train = nb.train = 0;
-        check_int(tn, "inference forward, separate input", forward_batchnorm_layer(a, na), DNBN_OK);
-        check_int(tn, "inference forward, input == output", forward_batchnorm_layer(b, nb), DNBN_OK);
+        check_int(tn, "inference forward, separate input", dnbn_forward_batchnorm_layer(a, na), DNBN_OK);
+        check_int(tn, "inference forward, input == output", dnbn_forward_batchnorm_layer(b, nb), DNBN_OK);
         check_ff(tn, "inference output", b->output, a->output, N, 0);
         free(in);
-        free_batchnorm_layer(a);
-        free_batchnorm_layer(b);
+        dnbn_free_batchnorm_layer(a);
+        dnbn_free_batchnorm_layer(b);
     }
 }
 
-/* backward_batchnorm_layer_from(l, d) equals backward with d in l->delta, also when d is l->delta itself. */
+/* dnbn_backward_batchnorm_layer_from(l, d) equals backward with d in l->delta, also when d is l->delta itself. */
 static void test_backward_from(void)
 {
     g_test = __func__;
-    const char *tn = "backward_batchnorm_layer_from [3x6x5x4]";
+    const char *tn = "dnbn_backward_batchnorm_layer_from [3x6x5x4]";
     const int B = 3, W = 5, H = 4, C = 6;
     size_t N = (size_t)B * C * W * H;
     dnbn_set_num_threads(2);
     for (int numerics = 0; numerics <= 1; numerics++) {
-        batchnorm_layer *l[3];
+        dnbn_layer *l[3];
         rng_t r;
         rng_init(&r, 31 + (uint64_t)numerics);
         float *in = falloc(N), *dy = falloc(N), *dyc = falloc(N);
         fill_gauss(&r, in, N, 0.3, 1.5);
         fill_gauss(&r, dy, N, 0.0, 1.0);
         memcpy(dyc, dy, N * sizeof(float));
-        batchnorm_network net = {.input = in, .delta = NULL, .train = 1};
+        dnbn_network net = {.input = in, .delta = NULL, .train = 1};
         int ok = 1;
         for (int k = 0; k < 3; k++) {
-            l[k] = make_batchnorm_layer(B, W, H, C);
+            l[k] = dnbn_make_batchnorm_layer(B, W, H, C);
             ok = ok && l[k];
             if (l[k] && numerics)
-                batchnorm_layer_set_numerics(l[k], DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
+                dnbn_batchnorm_layer_set_numerics(l[k], DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
             if (l[k])
-                forward_batchnorm_layer(l[k], net);
+                dnbn_forward_batchnorm_layer(l[k], net);
         }
-        if (check_true(tn, "make_batchnorm_layer", ok)) {
+        if (check_true(tn, "dnbn_make_batchnorm_layer", ok)) {
             memcpy(l[0]->delta, dy, N * sizeof(float));
-            check_int(tn, "backward_batchnorm_layer", backward_batchnorm_layer(l[0], net), DNBN_OK);
+            check_int(tn, "dnbn_backward_batchnorm_layer", dnbn_backward_batchnorm_layer(l[0], net), DNBN_OK);
             fill_const(l[1]->delta, N, GARBAGE);
-            check_int(tn, "backward_batchnorm_layer_from(l, separate)", backward_batchnorm_layer_from(l[1], dy),
+            check_int(tn, "dnbn_backward_batchnorm_layer_from(l, separate)", dnbn_backward_batchnorm_layer_from(l[1], dy),
                       DNBN_OK);
             check_same(tn, "delta_in not written", dy, dyc, N);
             memcpy(l[2]->delta, dy, N * sizeof(float));
-            check_int(tn, "backward_batchnorm_layer_from(l, l->delta)",
-                      backward_batchnorm_layer_from(l[2], l[2]->delta), DNBN_OK);
+            check_int(tn, "dnbn_backward_batchnorm_layer_from(l, l->delta)",
+                      dnbn_backward_batchnorm_layer_from(l[2], l[2]->delta), DNBN_OK);
             for (int k = 1; k < 3; k++) {
                 check_ff(tn, k == 1 ? "delta (separate delta_in)" : "delta (delta_in == l->delta)", l[k]->delta,
                          l[0]->delta, N, 0);
@@ -1531,7 +1531,7 @@ static void test_backward_from(void)
             }
         }
         for (int k = 0; k < 3; k++)
-            free_batchnorm_layer(l[k]);
+            dnbn_free_batchnorm_layer(l[k]);
         free(in);
         free(dy);
         free(dyc);
@@ -1578,16 +1578,16 @@ static void test_nan_inf_channels(void)
     }
     for (int numerics = 0; numerics <= 1; numerics++) {
         snprintf(tn, sizeof tn, "NaN/Inf in channels 1 and 3, layer %s [3x5x7x1]", numerics ? "standard" : "darknet");
-        batchnorm_layer *l = make_batchnorm_layer(B, S, 1, F);
-        if (!check_true(tn, "make_batchnorm_layer", l != NULL))
+        dnbn_layer *l = dnbn_make_batchnorm_layer(B, S, 1, F);
+        if (!check_true(tn, "dnbn_make_batchnorm_layer", l != NULL))
             continue;
         if (numerics)
-            batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
+            dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
         olayer o;
         ol_init(&o, B, F, S, numerics, (double)1e-5f, (double)0.1f);
         float *netd = falloc(N), *dy = falloc(N);
-        batchnorm_network net = {.input = x, .delta = netd, .train = 1};
-        check_int(tn, "training forward status", forward_batchnorm_layer(l, net), DNBN_OK);
+        dnbn_network net = {.input = x, .delta = netd, .train = 1};
+        check_int(tn, "training forward status", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
         ol_forward(&o, x, 1);
         check_buf(tn, "output", l->output, o.out, N, 0);
         check_buf(tn, "mean", l->mean, o.mean, Fz, 1);
@@ -1596,7 +1596,7 @@ static void test_nan_inf_channels(void)
         check_buf(tn, "rolling_variance", l->rolling_variance, o.rv, Fz, 0);
         fill_gauss(&r, dy, N, 0.0, 1.0);
         memcpy(l->delta, dy, N * sizeof(float));
-        check_int(tn, "backward status", backward_batchnorm_layer(l, net), DNBN_OK);
+        check_int(tn, "backward status", dnbn_backward_batchnorm_layer(l, net), DNBN_OK);
         ol_backward(&o, dy);
         check_buf(tn, "delta", l->delta, o.delta, N, 0);
         check_buf(tn, "bias_updates", l->bias_updates, o.bu, Fz, 0);
@@ -1604,7 +1604,7 @@ static void test_nan_inf_channels(void)
         free(netd);
         free(dy);
         ol_free(&o);
-        free_batchnorm_layer(l);
+        dnbn_free_batchnorm_layer(l);
     }
     free(x);
     free(xd);
@@ -1619,7 +1619,7 @@ static void test_nan_inf_channels(void)
     free(ovf);
 }
 
-/* batchnorm_moments of two shards merged by batchnorm_moments_combine equal the moments of the whole batch. */
+/* dnbn_batchnorm_moments of two shards merged by dnbn_batchnorm_moments_combine equal the moments of the whole batch. */
 static void test_moments(void)
 {
     g_test = __func__;
@@ -1641,18 +1641,18 @@ static void test_moments(void)
         for (int t = 1; t <= 2; t++) {
             dnbn_set_num_threads(t);
             char tn[160];
-            snprintf(tn, sizeof tn, "batchnorm_moments [%dx%dx%d, offset 1e4, %d thread%s]", B, F, S, t,
+            snprintf(tn, sizeof tn, "dnbn_batchnorm_moments [%dx%dx%d, offset 1e4, %d thread%s]", B, F, S, t,
                      t > 1 ? "s" : "");
-            batchnorm_moments(x, B, F, S, mw, m2w);
+            dnbn_batchnorm_moments(x, B, F, S, mw, m2w);
             check_dd(tn, "mean of the whole batch vs oracle", mw, om, Fz, MOMENTS_RTOL);
             check_dd(tn, "m2 of the whole batch vs oracle", m2w, om2, Fz, MOMENTS_RTOL);
             int splits[2] = {B / 2, B / 3 > 0 ? B / 3 : 1};
             for (int k = 0; k < 2; k++) {
                 int b1 = splits[k], b2 = B - b1;
                 char what[128];
-                batchnorm_moments(x, b1, F, S, ma, m2a);
-                batchnorm_moments(x + (size_t)b1 * per, b2, F, S, mb, m2b);
-                batchnorm_moments_combine(F, (double)b1 * S, ma, m2a, (double)b2 * S, mb, m2b);
+                dnbn_batchnorm_moments(x, b1, F, S, ma, m2a);
+                dnbn_batchnorm_moments(x + (size_t)b1 * per, b2, F, S, mb, m2b);
+                dnbn_batchnorm_moments_combine(F, (double)b1 * S, ma, m2a, (double)b2 * S, mb, m2b);
                 snprintf(what, sizeof what, "mean of shards %d + %d combined vs whole", b1, b2);
                 check_dd(tn, what, ma, mw, Fz, MOMENTS_RTOL);
                 snprintf(what, sizeof what, "m2 of shards %d + %d combined vs whole", b1, b2);
@@ -1688,35 +1688,35 @@ static void *rjob_run(void *arg)
     rng_init(&r, j->seed);
     size_t N = (size_t)j->B * j->C * j->W * j->H;
     j->status = 0;
-    batchnorm_layer *l = make_batchnorm_layer(j->B, j->W, j->H, j->C);
+    dnbn_layer *l = dnbn_make_batchnorm_layer(j->B, j->W, j->H, j->C);
     if (!l) {
         j->status = -1;
         return NULL;
     }
     if (j->numerics)
-        j->status |= batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
+        j->status |= dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
     float *in = malloc(N * sizeof(float)), *netd = malloc(N * sizeof(float));
     if (!in || !netd) {
         j->status = -1;
     } else {
         for (int step = 0; step < 3; step++) {
             fill_gauss(&r, in, N, 0.3, 1.5);
-            batchnorm_network net = {.input = in, .delta = netd, .train = 1};
-            j->status |= forward_batchnorm_layer(l, net);
+            dnbn_network net = {.input = in, .delta = netd, .train = 1};
+            j->status |= dnbn_forward_batchnorm_layer(l, net);
             fill_gauss(&r, l->delta, N, 0.0, 1.0);
-            j->status |= backward_batchnorm_layer(l, net);
-            j->status |= update_batchnorm_layer(l, 0.05f, 0.9f, 0.0f);
+            j->status |= dnbn_backward_batchnorm_layer(l, net);
+            j->status |= dnbn_update_batchnorm_layer(l, 0.05f, 0.9f, 0.0f);
         }
         memcpy(j->delta, l->delta, N * sizeof(float));
         fill_gauss(&r, in, N, 0.3, 1.5);
-        batchnorm_network inet = {.input = in, .delta = NULL, .train = 0};
-        j->status |= forward_batchnorm_layer(l, inet);
+        dnbn_network inet = {.input = in, .delta = NULL, .train = 0};
+        j->status |= dnbn_forward_batchnorm_layer(l, inet);
         memcpy(j->out, l->output, N * sizeof(float));
         memcpy(j->scales, l->scales, (size_t)j->C * sizeof(float));
     }
     free(in);
     free(netd);
-    free_batchnorm_layer(l);
+    dnbn_free_batchnorm_layer(l);
     return NULL;
 }
 
