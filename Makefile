@@ -28,7 +28,7 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: all lib flavors test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
+.PHONY: all lib flavors darknet-shim darknet-installed test-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
 
 FLAVOR ?= pjreddie
 ifeq ($(FLAVOR),alexeyab)
@@ -102,6 +102,36 @@ valgrind: $(BUILD)/test_darknet_bn
 	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 	valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
 		--show-leak-kinds=definite $(BUILD)/test_darknet_bn
+
+# ---- Darknet itself (Debian's package: /usr/lib/darknet/{libdarknet.so,include/darknet.h}) ----
+# make darknet-shim  build/libdarknet_bn_darknet.so: Darknet's forward_/backward_batchnorm_layer(layer, network)
+#                    on darknet_bn's fused layer (csrc/darknet_abi/), compiled against DARKNET_INCLUDE's darknet.h
+# make test-darknet  installs Debian's darknet when missing, then trains a small network on it three ways
+#                    (plain, kernels preloaded, Darknet-ABI layer preloaded) and compares (tests/test_darknet.py)
+DARKNET_DIR ?= /usr/lib/darknet
+DARKNET_INCLUDE ?= $(DARKNET_DIR)/include
+
+$(BUILD)/libdarknet_bn_darknet.so: csrc/darknet_abi/darknet_abi.c csrc/darknet_abi/darknet_bn_darknet.h csrc/darknet_bn.h $(BUILD)/libdarknet_bn.so
+	@test -f "$(DARKNET_INCLUDE)/darknet.h" || { echo "no $(DARKNET_INCLUDE)/darknet.h: apt-get install darknet," \
+		"or set DARKNET_INCLUDE to the folder of your Darknet's darknet.h" >&2; exit 2; }
+	$(CC) $(CFLAGS_LIB) -shared -I"$(DARKNET_INCLUDE)" -Icsrc -Icsrc/darknet_abi $< -L$(BUILD) -ldarknet_bn \
+		-Wl,-rpath,'$$ORIGIN' -o $@ $(LDLIBS)
+
+darknet-shim: $(BUILD)/libdarknet_bn_darknet.so
+
+$(BUILD)/darknet_driver: tests/darknet/driver.c
+	@test -f "$(DARKNET_INCLUDE)/darknet.h" || { echo "no $(DARKNET_INCLUDE)/darknet.h (apt-get install darknet)" >&2; exit 2; }
+	@mkdir -p $(BUILD)
+	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -I"$(DARKNET_INCLUDE)" $< -L"$(DARKNET_DIR)" -ldarknet \
+		-Wl,-rpath,"$(DARKNET_DIR)" -o $@ -lm -pthread
+
+darknet-installed:
+	test -f "$(DARKNET_DIR)/libdarknet.so" || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends darknet)
+
+test-darknet: darknet-installed venv
+	$(MAKE) darknet-shim $(BUILD)/darknet_driver
+	$(VPY) -m pytest tests/test_darknet.py -v -rs
 
 # The development environment: the package installed editable (the extension
 # is compiled in place from csrc/) with the test, torch, demo and bench extras.

@@ -337,7 +337,7 @@ static void fill_unit(void *arg, idx_t unit)
 
 int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
 {
-    if (!l) return DNBN_ERR_ARG;
+    if (!l || !l->x_norm) return DNBN_ERR_ARG;
     if (!l->trained) return DNBN_ERR_STATE;
     /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
      * treat the tensor as (batch, filters, 1) through the generic partition. */
@@ -387,16 +387,16 @@ static void finish_sums(void *arg, idx_t f, const double acc[3])
         double r = 1.0 / sqrt((double)l->variance[f] + DARKNET_EPS_BACKWARD);
         double md = gamma * sum_dy * -r;
         double vd = gamma * sum_dy_dev * -0.5 * r * r * r;
-        l->mean_delta[f] = (float)md;
-        l->variance_delta[f] = (float)vd;
+        if (l->mean_delta) l->mean_delta[f] = (float)md;
+        if (l->variance_delta) l->variance_delta[f] = (float)vd;
         sc[SC_A] = gamma * r;
         sc[SC_B] = vd * 2.0 / m;
         sc[SC_C] = md / m;
     } else {
         /* exact gradient: dx = gamma*inv*(dy - mean(dy) - x_hat*mean(dy*x_hat)) */
         double a = gamma * inv;
-        l->mean_delta[f] = (float)(-a * sum_dy);
-        l->variance_delta[f] = (float)(-0.5 * a * inv * inv * sum_dy_dev);
+        if (l->mean_delta) l->mean_delta[f] = (float)(-a * sum_dy);
+        if (l->variance_delta) l->variance_delta[f] = (float)(-0.5 * a * inv * inv * sum_dy_dev);
         sc[SC_A] = a;
         sc[SC_B] = -a * inv * inv * sum_dy_dev / m;
         sc[SC_C] = -a * sum_dy / m;

@@ -148,7 +148,9 @@ void normalize_delta_cpu_ref(float *x, float *mean, float *variance, float *mean
  * them all; a caller may instead fill in a zeroed struct itself with its own
  * buffers (memory = NULL, scratch = DNBN_SCRATCH_DOUBLES * out_c doubles,
  * then dnbn_batchnorm_layer_set_numerics) and never call dnbn_free_batchnorm_layer on
- * it. x may point at the input itself: forward then does not copy it. */
+ * it. x may point at the input itself: forward then does not copy it. In such
+ * a layer x_norm may be NULL when keep_x_norm is zero, and mean_delta and
+ * variance_delta may be NULL (they are then not written). */
 typedef struct dnbn_layer {
     int batch;              /* images per batch */
     int out_c, out_h, out_w; /* channels, height, width (input shape = output shape) */

@@ -16,8 +16,10 @@
  * Run:
  *   driver [--steps N] [--standalone-bn] [--dump FILE] [--bench-bn REPS]
  *          [--batch B]
- *   (defaults: 20 steps, batch 32; invalid arguments: one line on stderr,
- *   exit status 2)
+ *   (defaults: 20 steps, batch 32; batch at least 2, since Darknet's
+ *   unbiased variance divides by batch*spatial - 1, which is 0 for the
+ *   connected layer at batch 1; invalid arguments: one line on stderr,
+ *   exit status 2; a failed dump: exit status 1)
  *
  * What it does:
  *   - writes a cfg to a mkstemp file in /tmp, loads it with
@@ -27,17 +29,19 @@
  *     right after the 2nd convolution, a batch-normalized connected layer
  *     of 32 (leaky), a connected layer of 10 (linear) and a softmax, which
  *     computes the cross-entropy cost itself (no [cost] layer).
- *     Plain Darknet crashes on [batchnorm] during training (make_batchnorm_layer
- *     never allocates l.x, l.x_norm, l.mean_delta, l.variance_delta), so
- *     --standalone-bn is only meant for a replacement library that copes.
+ *     Plain Darknet segfaults on [batchnorm] in the first forward pass
+ *     (make_batchnorm_layer never allocates l.x, l.x_norm, l.mean_delta,
+ *     l.variance_delta), so --standalone-bn is only meant for a
+ *     replacement library that copes.
  *   - Darknet initializes weights with rand(); srand(DN_WEIGHT_SEED) is
  *     called right before parsing so the weights are fixed.  The data come
  *     from a private splitmix64 generator: DN_NBATCHES fixed batches of B
  *     images, class k having a bright square at a class-dependent place,
  *     mostly in channel k%3, on uniform noise; step i trains on batch
  *     i % DN_NBATCHES with train_network().
- *   - net->delta is set to a buffer of B*inputs floats, so the last
- *     layer-0 backward computes the gradient with respect to the input.
+ *   - net->delta is set to a buffer of B*inputs floats, zeroed before
+ *     every step, so layer 0's backward writes the gradient with respect
+ *     to the network input into it.
  *
  * Output on stdout:
  *   step <i> loss <%.9g>            one line per step, i from 0; the loss is
@@ -49,21 +53,23 @@
  *                                   forward_batchnorm_layer +
  *                                   backward_batchnorm_layer over all
  *                                   batch-normalized conv layers
- *   step_ms <median>                median of REPS further train_network() steps
+ *   step_ms <median>                median of REPS more train_network() steps
  *
  * --dump FILE, written after the last step (text, values %.9g):
  *   loss <step> <value>                      for every step
  *   L<index> <field> <count> v1 v2 ...       for every layer with batch
  *       normalization (conv/connected with batch_normalize, [batchnorm]);
- *       fields mean, variance, rolling_mean, rolling_variance, scales,
- *       biases (out_c values each) and delta (batch*outputs values)
+ *       fields shape (batch, out_c, out_h*out_w), x (the normalized
+ *       layer's input as the last training forward kept it, batch*outputs
+ *       values; 0 values where l.x is not allocated), mean, variance,
+ *       rolling_mean, rolling_variance, scales, biases (out_c values each)
+ *       and delta (batch*outputs values)
  *   input_delta <count> v1 v2 ...            gradient w.r.t. the network input
  *                                            of the last step
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
-#include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,7 +93,7 @@ enum {
     DN_W = 28, DN_H = 28, DN_C = 3,
     DN_CLASSES = 10,
     DN_NBATCHES = 4,          /* fixed batches, cycled over the steps */
-    DN_MAX_BATCH = 4096,
+    DN_MAX_BATCH = 4096,      /* --batch range 2..DN_MAX_BATCH */
     DN_MAX_STEPS = 1000000,
     DN_MAX_REPS = 1000000
 };
@@ -109,14 +115,14 @@ typedef struct {
 #define USAGE "usage: driver [--steps N] [--standalone-bn] [--dump FILE] " \
               "[--bench-bn REPS] [--batch B]"
 
-static int parse_count(const char *s, int max, int *out)
+static int parse_count(const char *s, int min, int max, int *out)
 {
     char *end;
     long v;
     if (!s || !*s || *s == '-' || *s == '+') return -1;
     errno = 0;
     v = strtol(s, &end, 10);
-    if (errno || *end || v < 1 || v > max) return -1;
+    if (errno || *end || v < min || v > max) return -1;
     *out = (int)v;
     return 0;
 }
@@ -137,21 +143,23 @@ static int parse_args(int argc, char **argv, options *o)
         } else if (!strcmp(a, "--standalone-bn")) {
             o->standalone_bn = 1;
         } else if (!strcmp(a, "--steps")) {
-            if (parse_count(v, DN_MAX_STEPS, &o->steps)) {
+            if (parse_count(v, 1, DN_MAX_STEPS, &o->steps)) {
                 fprintf(stderr, "driver: --steps needs an integer in 1..%d; "
                         USAGE "\n", DN_MAX_STEPS);
                 return -1;
             }
             ++i;
         } else if (!strcmp(a, "--batch")) {
-            if (parse_count(v, DN_MAX_BATCH, &o->batch)) {
-                fprintf(stderr, "driver: --batch needs an integer in 1..%d; "
+            /* Batch 1 makes Darknet's variance_cpu divide by
+             * batch*spatial - 1 = 0 in the connected layer: NaN. */
+            if (parse_count(v, 2, DN_MAX_BATCH, &o->batch)) {
+                fprintf(stderr, "driver: --batch needs an integer in 2..%d; "
                         USAGE "\n", DN_MAX_BATCH);
                 return -1;
             }
             ++i;
         } else if (!strcmp(a, "--bench-bn")) {
-            if (parse_count(v, DN_MAX_REPS, &o->bench_reps)) {
+            if (parse_count(v, 1, DN_MAX_REPS, &o->bench_reps)) {
                 fprintf(stderr, "driver: --bench-bn needs an integer in "
                         "1..%d; " USAGE "\n", DN_MAX_REPS);
                 return -1;
@@ -421,6 +429,8 @@ static int write_dump(const char *path, const network *net,
     for (int i = 0; i < net->n; ++i) {
         const layer *l = &net->layers[i];
         if (!has_bn(l)) continue;
+        fprintf(f, "L%d shape 3 %d %d %d\n", i, l->batch, l->out_c, l->out_h * l->out_w);
+        dump_values(f, i, "x", l->x, l->batch * l->outputs);
         dump_values(f, i, "mean", l->mean, l->out_c);
         dump_values(f, i, "variance", l->variance, l->out_c);
         dump_values(f, i, "rolling_mean", l->rolling_mean, l->out_c);
