@@ -7,6 +7,8 @@
 #   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
 #   make bench    the Python benchmark against PyTorch, NumPy and the reference path
 #   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)
+#   make darknet-shim, make test-darknet, make bench-darknet   darknet_bn inside Debian's Darknet (below)
+#   make FLAVOR=alexeyab   also build/libdarknet_bn_alexeyab.{a,so}: the kernels with AlexeyAB's arithmetic
 #   make install  the C library, its header and darknet_bn.pc under PREFIX (default /usr/local;
 #                 DESTDIR is honoured); make uninstall removes them
 #   make dist-check  sdist and wheel (python -m build), then pip install of the sdist into a
@@ -28,7 +30,7 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: all lib flavors darknet-shim darknet-installed test-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
+.PHONY: all lib flavors darknet-shim darknet-installed test-darknet bench-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
 
 FLAVOR ?= pjreddie
 ifeq ($(FLAVOR),alexeyab)
@@ -133,6 +135,11 @@ test-darknet: darknet-installed venv
 	$(MAKE) darknet-shim $(BUILD)/darknet_driver
 	$(VPY) -m pytest tests/test_darknet.py -v -rs
 
+# A Darknet training step on Debian's library with and without darknet_bn (benchmarks/bench_darknet.py).
+bench-darknet: darknet-installed
+	$(MAKE) darknet-shim $(BUILD)/darknet_driver
+	$(PYTHON) benchmarks/bench_darknet.py $(BENCH_DARKNET_ARGS)
+
 # The development environment: the package installed editable (the extension
 # is compiled in place from csrc/) with the test, torch, demo and bench extras.
 $(VENV)/.installed: pyproject.toml setup.py $(LIB_SRCS) $(HEADERS) darknet_bn/_ffi_build.py
@@ -144,7 +151,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(LIB_SRCS) $(HEADERS) darknet_bn/_f
 venv: $(VENV)/.installed
 
 pytest: venv
-	$(VPY) -m pytest tests -q
+	$(VPY) -m pytest tests -q -rs
 
 # Tools the Python tests use (tests/test_install.py runs pkg-config), installed when missing.
 tools:

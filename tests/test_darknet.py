@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,26 @@ def test_abi_layer_edges_under_sanitizers(tmp_path):
                        env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert re.search(r"^\d+ passed, 0 failed$", p.stdout, re.M), p.stdout
+
+
+@pytest.mark.skipif(not shutil.which("apt-get") or not shutil.which("cc"), reason="needs apt-get and a C compiler")
+def test_static_route(built, trained):
+    """Darknet's own sources (Debian's source package) with the ten kernel definitions deleted, linked with
+    build/libdarknet_bn.a (tests/darknet/build_static.py): no libdarknet.so, darknet_bn's kernels defined
+    in the program, and the training of the shared-library routes."""
+    subprocess.run(["make", "-s", "-C", str(ROOT), "lib"], check=True, capture_output=True)
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "darknet" / "build_static.py")], capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    exe = Path(p.stdout.strip().splitlines()[-1])
+    linked = subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
+    assert "libdarknet" not in linked, linked
+    symbols = subprocess.run(["nm", str(exe)], capture_output=True, text=True, check=True).stdout
+    assert re.search(r" T mean_cpu$", symbols, re.M) and re.search(r" t dnbn_rows_active$", symbols, re.M)
+    out = subprocess.run([str(exe), "--steps", "20"], capture_output=True, text=True, timeout=300, check=True)
+    got, plain = losses(out.stdout), trained["plain"][0]
+    assert len(got) == 20 and abs(got[0] - plain[0]) <= 1e-4 * plain[0], (got[0], plain[0])
+    assert (np.abs(got - plain) / plain).max() <= 1e-3
+    # the same kernels as the preloaded route, in another binary: the same losses bit for bit is not
+    # promised (Darknet's own code is compiled here with other flags), the same training is
+    assert np.abs(got - trained["kernels"][0]).max() <= 1e-3 * plain.max()
