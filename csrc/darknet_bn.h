@@ -13,6 +13,14 @@
  *      several processes can be combined before normalizing.
  *   5. Library settings: thread count, instruction-set path, version, errors.
  *
+ * Names. Only the ten kernels carry Darknet's names, with Darknet's signatures
+ * and meaning; everything else the library exports is prefixed dnbn_ (the
+ * layer mirrors Darknet's function names: dnbn_forward_batchnorm_layer for
+ * Darknet's forward_batchnorm_layer, over dnbn_layer and dnbn_network), so
+ * linking or preloading darknet_bn next to Darknet never binds one of
+ * Darknet's calls to another signature. Darknet's own layer ABI is a separate
+ * library: csrc/darknet_abi/darknet_bn_darknet.h.
+ *
  * Memory layout. Every activation buffer is float32, NCHW, contiguous: element
  * (b, f, i) of a tensor with `batch` images, `filters` channels and `spatial`
  * (= h*w) positions is at index (b*filters + f)*spatial + i. A fully connected
