@@ -151,7 +151,7 @@ static void finish_stats(void *arg, idx_t f, const double acc[3])
     double var, inv;
     if (l->numerics == DNBN_NUMERICS_DARKNET) {
         var = unbiased; /* Darknet quirk: unbiased variance, epsilon outside the root */
-        inv = 1.0 / (sqrt(var) + DARKNET_EPS_FORWARD);
+        inv = dnbn_pjreddie_forward_inv(var);
     } else {
         var = acc[2] / m;
         inv = 1.0 / sqrt(var + (double)l->eps);
@@ -205,7 +205,7 @@ static void infer_run(void *arg, idx_t f, idx_t off, idx_t len)
     dnbn_layer *l = p->l;
     float rm = l->rolling_mean[f];
     double rv = l->rolling_variance[f];
-    double inv = l->numerics == DNBN_NUMERICS_DARKNET ? 1.0 / (sqrt(rv) + DARKNET_EPS_FORWARD)
+    double inv = l->numerics == DNBN_NUMERICS_DARKNET ? dnbn_pjreddie_forward_inv(rv)
                                                       : 1.0 / sqrt(rv + (double)l->eps);
     p->r->forward_infer(p->in + off, l->output + off, len, rm, 0.0f, (float)inv, l->scales[f], l->biases[f],
                         p->stream);
@@ -264,7 +264,7 @@ static void infer_tile(void *arg, idx_t f0, idx_t n)
     float zero[DNBN_TILE] = {0}, inv[DNBN_TILE];
     for (idx_t j = 0; j < n; j++) {
         double rv = l->rolling_variance[f0 + j];
-        inv[j] = (float)(l->numerics == DNBN_NUMERICS_DARKNET ? 1.0 / (sqrt(rv) + DARKNET_EPS_FORWARD)
+        inv[j] = (float)(l->numerics == DNBN_NUMERICS_DARKNET ? dnbn_pjreddie_forward_inv(rv)
                                                               : 1.0 / sqrt(rv + (double)l->eps));
     }
     for (idx_t b = 0; b < l->batch; b++) {
@@ -384,7 +384,7 @@ static void finish_sums(void *arg, idx_t f, const double acc[3])
     if (l->numerics == DNBN_NUMERICS_DARKNET) {
         /* Darknet's mean_delta_cpu, variance_delta_cpu and normalize_delta_cpu on
          * delta*gamma; Darknet quirk: epsilon inside the root here. */
-        double r = 1.0 / sqrt((double)l->variance[f] + DARKNET_EPS_BACKWARD);
+        double r = dnbn_pjreddie_delta_inv((double)l->variance[f]);
         double md = gamma * sum_dy * -r;
         double vd = gamma * sum_dy_dev * -0.5 * r * r * r;
         if (l->mean_delta) l->mean_delta[f] = (float)md;

@@ -76,26 +76,26 @@ def read_dump(path):
     return out
 
 
-@pytest.fixture(scope="module")
-def trained(built, tmp_path_factory):
-    """20 steps under each route: stdout and dump."""
-    d = tmp_path_factory.mktemp("darknet")
+def train_routes(folder, steps):
+    """`steps` training steps under each route: {route: (losses, dump)}."""
     res = {}
     for route in ROUTES:
-        p = run(route, "--steps", "20", "--dump", str(d / f"{route}.txt"))
-        res[route] = (losses(p.stdout), read_dump(d / f"{route}.txt"))
+        dump = folder / f"{route}.txt"
+        p = run(route, "--steps", str(steps), "--dump", str(dump))
+        res[route] = (losses(p.stdout), read_dump(dump))
     return res
+
+
+@pytest.fixture(scope="module")
+def trained(built, tmp_path_factory):
+    """20 steps under each route: losses and dump."""
+    return train_routes(tmp_path_factory.mktemp("darknet"), 20)
 
 
 @pytest.fixture(scope="module")
 def first_step(built, tmp_path_factory):
-    """One step under each route: every layer saw the same input (same weights, same data)."""
-    d = tmp_path_factory.mktemp("darknet1")
-    res = {}
-    for route in ROUTES:
-        run(route, "--steps", "1", "--dump", str(d / f"{route}.txt"))
-        res[route] = read_dump(d / f"{route}.txt")
-    return res
+    """One step under each route, every layer seeing the same input (same weights, same data): the dumps."""
+    return {route: dump for route, (_, dump) in train_routes(tmp_path_factory.mktemp("darknet1"), 1).items()}
 
 
 def test_three_routes_train_alike(trained):
@@ -134,7 +134,7 @@ def oracle_moments(x, batch, channels, spatial):
 
 
 def test_first_step_statistics_against_float64(first_step):
-    """Step 1's batch mean and variance are within 4 float32 ulps (SPEC) of the float64 values computed
+    """Step 1's batch mean and variance are within 4 float32 ulps (the library's accuracy guarantee, tests/conftest.py ULPS) of the float64 values computed
     from the layer inputs Darknet kept in l.x, and the running statistics they moved (from 0) within
     1e-5 relative + 1e-5 absolute of 0.01 times them, under both darknet_bn routes. Darknet's own float
     sums are measured beside them and printed."""
