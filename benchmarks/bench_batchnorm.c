@@ -323,7 +323,7 @@ static void usage(void)
     puts("usage: bench_batchnorm [--shape BxCxHxW]... [--threads N]... [--reps N] [--min-time S]\n"
          "                       [--no-kernels] [--json FILE]\n"
          "Times darknet_bn's layer and kernels against the reference loops and the\n"
-         "copy bandwidth. Defaults: SPEC's six shapes, 1 thread and all cores, 11 reps.");
+         "copy bandwidth. Defaults: docs/reference.md §7's six shapes, 1 thread and all cores, 11 reps.");
 }
 
 int main(int argc, char **argv)

@@ -1,7 +1,7 @@
 /*
  * reference.c - Darknet's batch-norm loops as Darknet writes them (src/blas.c):
  * one scalar loop nest per kernel, no threads, no vectors; only the
- * accumulators are double, as SPEC's accuracy requires. The baseline of the
+ * accumulators are double, as docs/reference.md §6 requires. The baseline of the
  * benchmarks and a second oracle in the tests.
  */
 #include <math.h>

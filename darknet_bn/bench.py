@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of darknet_bn's layer against its peers (SPEC.md §7).
+"""Side-by-side benchmark of darknet_bn's layer against its peers (docs/reference.md §7).
 
 Run ``python -m darknet_bn.bench`` (``--help`` for the options). For every
 shape and thread count it times, in one process and on the same data:
@@ -67,7 +67,7 @@ Arrays = Dict[str, np.ndarray]
 
 SCHEMA = "darknet_bn.bench/1"
 
-#: SPEC §7's six shapes (batch, channels, h, w).
+#: docs/reference.md §7's six shapes (batch, channels, h, w).
 SHAPES: Tuple[Shape, ...] = (
     (8, 32, 208, 208),
     (32, 64, 112, 112),
@@ -906,11 +906,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m darknet_bn.bench",
         description="Time darknet_bn's batch-norm layer (training step and inference) against PyTorch, "
-                    "NumPy and the reference C loops, side by side in one process (SPEC §7).",
+                    "NumPy and the reference C loops, side by side in one process (docs/reference.md §7).",
         epilog="Writes bench.json, bench.txt and bench.png into --out. Ratios are peer / darknet_bn.",
     )
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="BxCxHxW",
-                   help="shapes to time (default: SPEC §7's six; with --quick the three small ones)")
+                   help="shapes to time (default: docs/reference.md §7's six; with --quick the three small ones)")
     p.add_argument("--threads", nargs="+", type=int, metavar="N",
                    help=f"thread counts (default: 1 and all usable cores, here {usable})")
     p.add_argument("--reps", type=int, default=None,

@@ -16,7 +16,7 @@ torch.nn.BatchNorm2d)`` still holds. Training and eval modes, ``momentum=None``
 PyTorch. :func:`batch_norm` is the matching functional, with the arguments of
 ``torch.nn.functional.batch_norm``.
 
-How it computes. The C layer runs in standard numerics (SPEC §4: the paper's
+How it computes. The C layer runs in standard numerics (docs/reference.md §4: the paper's
 and PyTorch's arithmetic, exact gradients) through a ``torch.autograd.Function``
 that fills a fresh ``dnbn_layer`` struct per call whose pointers are the
 tensors' own memory: the input is read in place (and kept for backward without

@@ -12,7 +12,7 @@ them with garbage: wrong dtypes, shapes and counts, None, lists, strings,
 huge or negative integers, non-contiguous, read-only, unaligned, zero-stride
 and byte-swapped arrays, aliased arguments. A call may succeed or raise one of
 DarknetBNError / TypeError / ValueError / MemoryError; when it raises, nothing
-it could write may have changed (SPEC §5). Anything else fails the run.
+it could write may have changed (docs/reference.md §5). Anything else fails the run.
 
 Before each call the script prints "CALL <target> <arguments>" (flushed), so
 the last such line names the call that crashed the process. At the end it

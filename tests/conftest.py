@@ -1,6 +1,6 @@
 """Shared fixtures and checks for the darknet_bn test suite.
 
-Tolerances are SPEC.md §6: outputs and deltas within 1e-5 relative plus 1e-5
+Tolerances are docs/reference.md §6: outputs and deltas within 1e-5 relative plus 1e-5
 absolute of the formulas evaluated in float64 on the same float32 inputs; mean
 and variance within a few (here 4) float32 ulps of the exact value.
 """
@@ -18,11 +18,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-RTOL = 1e-5  # SPEC §6
-ATOL = 1e-5  # SPEC §6
-ULPS = 4     # SPEC §6 "a few float32 ulps"
+RTOL = 1e-5  # docs/reference.md §6
+ATOL = 1e-5  # docs/reference.md §6
+ULPS = 4     # docs/reference.md §6 "a few float32 ulps"
 
-# Every buffer attribute of BatchNormLayer (SPEC §8).
+# Every buffer attribute of BatchNormLayer (docs/reference.md §8).
 ACT_BUFFERS = ("output", "delta", "x", "x_norm")
 CHAN_BUFFERS = ("scales", "biases", "scale_updates", "bias_updates", "mean", "variance",
                 "rolling_mean", "rolling_variance", "mean_delta", "variance_delta")
@@ -30,7 +30,7 @@ ALL_BUFFERS = ACT_BUFFERS + CHAN_BUFFERS
 
 
 def assert_close(got, want, rtol=RTOL, atol=ATOL, what="value"):
-    """SPEC §6: |got - want| <= rtol*|want| + atol elementwise (NaN must match NaN)."""
+    """docs/reference.md §6: |got - want| <= rtol*|want| + atol elementwise (NaN must match NaN)."""
     got = np.asarray(got)
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"
@@ -61,7 +61,7 @@ def float32_ulp(want):
 
 
 def assert_ulps(got, want, ulps=ULPS, what="value"):
-    """SPEC §6 for mean/variance: |got - want| <= ulps float32 ulps of the exact float64 `want`."""
+    """docs/reference.md §6 for mean/variance: |got - want| <= ulps float32 ulps of the exact float64 `want`."""
     got = np.asarray(got)
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"

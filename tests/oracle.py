@@ -1,21 +1,21 @@
-"""Float64 oracle for darknet_bn: SPEC.md §3 (Darknet numerics) and §4 (standard).
+"""Float64 oracle for darknet_bn: docs/reference.md §3 (Darknet numerics) and §4 (standard).
 
 Independent of the package under test (it never imports darknet_bn): plain
-NumPy over float64 arrays, written to be read next to the SPEC formulas.
+NumPy over float64 arrays, written to be read next to the formulas of docs/reference.md.
 
-Layout (SPEC §2): an activation tensor of `batch` images, `filters` channels
+Layout (docs/reference.md §2): an activation tensor of `batch` images, `filters` channels
 and `spatial` positions is viewed as a (batch, filters, spatial) array; per-
 channel vectors are (filters,) arrays; m = batch * spatial. Every function takes
 arrays of any shape holding the right number of values, converts them to
 float64, and returns new float64 arrays: nothing is modified in place.
 
-Sign convention (SPEC §3, §5): `delta` is -dLoss/doutput; backward is linear in
+Sign convention (docs/reference.md §3, §5): `delta` is -dLoss/doutput; backward is linear in
 delta, so feeding +dLoss/dy gives +dLoss/dx and +dLoss/dgamma, +dLoss/dbeta.
 """
 
 import numpy as np
 
-# Darknet's constants (SPEC §3): epsilon outside the root in forward, inside in backward.
+# Darknet's constants (docs/reference.md §3): epsilon outside the root in forward, inside in backward.
 DARKNET_FORWARD_EPS = 1e-6
 DARKNET_BACKWARD_EPS = 1e-5
 DARKNET_MOMENTUM = 0.01  # rolling = 0.99*rolling + 0.01*batch statistic
@@ -48,7 +48,7 @@ def _chan_sum(a):
 
 
 # ============================================================================
-# SPEC §3: the ten Darknet kernels
+# docs/reference.md §3: the ten Darknet kernels
 # ============================================================================
 
 def mean_cpu(x, batch, filters, spatial):
@@ -133,7 +133,7 @@ def normalize_delta_cpu(x, mean, variance, mean_delta, variance_delta, batch, fi
 # ============================================================================
 
 class LayerState:
-    """Every buffer of a batch-norm layer, in float64, named as in SPEC §8.
+    """Every buffer of a batch-norm layer, in float64, named as in docs/reference.md §8.
 
     Activation buffers are (batch, c, h, w); per-channel buffers are (c,).
     """
@@ -155,8 +155,8 @@ class LayerState:
             self.eps = STANDARD_EPS if eps is None else eps
             self.momentum = STANDARD_MOMENTUM if momentum is None else momentum
         act = (batch, c, h, w)
-        # SPEC §3 initial state: scales 1, biases 0, rolling 0, every update/delta 0;
-        # SPEC §4: standard numerics' running variance starts at 1.
+        # docs/reference.md §3 initial state: scales 1, biases 0, rolling 0, every update/delta 0;
+        # docs/reference.md §4: standard numerics' running variance starts at 1.
         for name in self.ACTIVATIONS:
             setattr(self, name, np.zeros(act))
         for name in self.CHANNELS:
@@ -198,7 +198,7 @@ class LayerState:
         return self.delta.copy()
 
     def update(self, learning_rate, momentum=0.9, decay=0.0):
-        """SPEC §3 update (both numerics)."""
+        """docs/reference.md §3 update (both numerics)."""
         update(self, learning_rate, momentum, decay)
 
 
@@ -207,11 +207,11 @@ def _shape_act(st, a):
 
 
 # ============================================================================
-# SPEC §3: Darknet numerics layer
+# docs/reference.md §3: Darknet numerics layer
 # ============================================================================
 
 def darknet_forward(st, inp, train=True):
-    """SPEC §3 layer forward, in its order of effect. Mutates the LayerState `st`."""
+    """docs/reference.md §3 layer forward, in its order of effect. Mutates the LayerState `st`."""
     batch, filters, spatial = st.dims
     inp = _shape_act(st, inp)
     shape = inp.shape
@@ -243,7 +243,7 @@ def darknet_forward(st, inp, train=True):
 
 
 def darknet_backward(st, delta):
-    """SPEC §3 layer backward; `delta` is -dLoss/doutput. Returns -dLoss/dinput."""
+    """docs/reference.md §3 layer backward; `delta` is -dLoss/doutput. Returns -dLoss/dinput."""
     if not st.trained:
         raise ValueError("backward needs a training forward")
     batch, filters, spatial = st.dims
@@ -265,7 +265,7 @@ def darknet_backward(st, delta):
 
 
 def update(st, learning_rate, momentum=0.9, decay=0.0):
-    """SPEC §3 update: biases += (lr/batch) bias_updates; bias_updates *= momentum; same for scales.
+    """docs/reference.md §3 update: biases += (lr/batch) bias_updates; bias_updates *= momentum; same for scales.
 
     Weight decay does not apply to scales or biases (`decay` is ignored).
     """
@@ -277,7 +277,7 @@ def update(st, learning_rate, momentum=0.9, decay=0.0):
 
 
 # ============================================================================
-# SPEC §4: standard numerics (Ioffe & Szegedy Algorithms 1 and 2; PyTorch's batch_norm)
+# docs/reference.md §4: standard numerics (Ioffe & Szegedy Algorithms 1 and 2; PyTorch's batch_norm)
 # ============================================================================
 
 def batch_moments(x, batch, filters, spatial):
@@ -296,7 +296,7 @@ def standard_normalize(x, mean, var, eps, batch, filters, spatial):
 
 
 def standard_forward(st, inp, train=True):
-    """SPEC §4 forward. Training: batch statistics, running stats with the m/(m-1) correction."""
+    """docs/reference.md §4 forward. Training: batch statistics, running stats with the m/(m-1) correction."""
     batch, filters, spatial = st.dims
     inp = _shape_act(st, inp)
     shape = inp.shape
@@ -326,7 +326,7 @@ def standard_forward(st, inp, train=True):
 
 
 def standard_backward(st, delta):
-    """SPEC §4 exact gradient of the training forward (linear in delta).
+    """docs/reference.md §4 exact gradient of the training forward (linear in delta).
 
     With g = delta, x̂ the normalized input, σ² the biased batch variance:
       Σg -> bias_updates, Σ g x̂ -> scale_updates (accumulated),

@@ -2,7 +2,7 @@
 
 They run its ``main`` on the tiny shape with two repetitions and check what it
 writes (the JSON schema, the PNG, the table). They never assert a speed: the
-machine is shared and timings are not a test (SPEC.md §7).
+machine is shared and timings are not a test (docs/reference.md §7).
 """
 import importlib.util
 import json

@@ -1,4 +1,4 @@
-"""The cffi declarations and the compiled module agree with csrc/darknet_bn.h (SPEC §8)."""
+"""The cffi declarations and the compiled module agree with csrc/darknet_bn.h (docs/reference.md §8)."""
 
 import re
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 HEADER = Path(__file__).resolve().parent.parent / "csrc" / "darknet_bn.h"
 
-# SPEC §3, as written there: Darknet's ten kernels, names and argument orders. Every
+# docs/reference.md §3, as written there: Darknet's ten kernels, names and argument orders. Every
 # argument that is a buffer is `float *`, every size an `int` (Darknet's types).
 SPEC_KERNELS = {
     "mean_cpu": "x, batch, filters, spatial, mean",
@@ -23,7 +23,7 @@ SPEC_KERNELS = {
 }
 SIZE_NAMES = {"batch", "filters", "spatial", "n", "size"}
 
-# SPEC §8: the layer API.
+# docs/reference.md §8: the layer API.
 SPEC_LAYER_FUNCTIONS = ["dnbn_make_batchnorm_layer", "dnbn_forward_batchnorm_layer", "dnbn_backward_batchnorm_layer",
                         "dnbn_update_batchnorm_layer", "dnbn_free_batchnorm_layer"]
 SPEC_LAYER_FIELDS = ["batch", "out_c", "out_h", "out_w", "outputs", "output", "delta", "x", "x_norm",
@@ -126,19 +126,19 @@ def test_parser_reads_a_known_prototype():
 
 
 def test_header_declares_spec_kernels_exactly(header_protos):
-    """The header declares SPEC §3's ten kernels with Darknet's names, argument order and types."""
+    """The header declares docs/reference.md §3's ten kernels with Darknet's names, argument order and types."""
     for name, args in SPEC_KERNELS.items():
         assert name in header_protos, f"{name} missing from the header"
         ret, params = header_protos[name]
         want = [("int" if a in SIZE_NAMES else "float *", a) for a in args.split(", ")]
         assert ret == "void", f"{name} returns {ret}"
-        assert params == want, f"{name}: header has {params}, SPEC §3 says {want}"
+        assert params == want, f"{name}: header has {params}, docs/reference.md §3 says {want}"
         ref = name + "_ref"
         assert ref in header_protos and signature(header_protos[ref]) == signature(header_protos[name]), ref
 
 
 def test_header_declares_layer_api(header_protos, header_text):
-    """The header has SPEC §8's layer functions and a struct with Darknet's field names."""
+    """The header has docs/reference.md §8's layer functions and a struct with Darknet's field names."""
     for name in SPEC_LAYER_FUNCTIONS:
         assert name in header_protos, name
     assert signature(header_protos["dnbn_make_batchnorm_layer"])[1] == ("int", "int", "int", "int")

@@ -1,6 +1,6 @@
-"""Concurrency (SPEC §5): the GIL is released around C calls, layers and kernels
+"""Concurrency (docs/reference.md §5): the GIL is released around C calls, layers and kernels
 run from several Python threads give the serial results bit for bit, results do
-not depend on the thread count beyond SPEC §6's tolerance (and are bit-for-bit
+not depend on the thread count beyond docs/reference.md §6's tolerance (and are bit-for-bit
 repeatable at a given count), the DARKNET_BN_NUM_THREADS variable is obeyed,
 and the library keeps working after fork (also while another thread is inside a
 threaded call) and in multiprocessing workers started by fork and by spawn.
@@ -202,7 +202,7 @@ COUNT_SHAPES = {
 @pytest.mark.parametrize("numerics", NUMERICS)
 @pytest.mark.parametrize("path", list(COUNT_SHAPES))
 def test_layer_results_across_thread_counts(path, numerics):
-    """1, 2, 3 and 7 threads: each run bit-for-bit repeatable, every count within SPEC §6 of the oracle."""
+    """1, 2, 3 and 7 threads: each run bit-for-bit repeatable, every count within docs/reference.md §6 of the oracle."""
     shape = COUNT_SHAPES[path]
     rng = np.random.default_rng(13)
     x = activations(rng, shape, offset_std=30.0)
@@ -427,7 +427,7 @@ def test_multiprocessing_workers(method):
 # --------------------------------------------------------------------------- thread count changed mid-flight
 
 def test_thread_count_changed_while_calls_run():
-    """set_num_threads from one thread while two others train layers: no crash, every result within SPEC §6."""
+    """set_num_threads from one thread while two others train layers: no crash, every result within docs/reference.md §6."""
     shapes = [(2, 2, 224, 224), (4096, 40, 1, 1)]
     rng = np.random.default_rng(20)
     work = []

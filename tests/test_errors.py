@@ -1,4 +1,4 @@
-"""Bad input (SPEC §5, §8): the right exception, naming the argument, and nothing written."""
+"""Bad input (docs/reference.md §5, §8): the right exception, naming the argument, and nothing written."""
 
 import math
 import re

@@ -1,7 +1,7 @@
 """Folding a batch-norm layer into the preceding convolution / fully connected layer.
 
 conv-then-fold must equal conv-then-batch-norm in inference, in both numerics,
-within SPEC §6 (1e-5 relative + 1e-5 absolute) of float64 oracles:
+within docs/reference.md §6 (1e-5 relative + 1e-5 absolute) of float64 oracles:
 
 - darknet: y = (z - rm) / (sqrt(rv) + 1e-6) * gamma + beta  (epsilon outside the root)
 - standard: y = (z - rm) / sqrt(rv + eps) * gamma + beta

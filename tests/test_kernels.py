@@ -1,4 +1,4 @@
-"""The ten Darknet kernels (SPEC §3), fast and reference, against the float64 oracle."""
+"""The ten Darknet kernels (docs/reference.md §3), fast and reference, against the float64 oracle."""
 
 import os
 import subprocess
@@ -23,7 +23,7 @@ SHAPES = [
     (2, 1, 50),       # one channel (threads must split inside the channel)
     (3, 1, 1031),     # one channel, long odd row (vector tails)
     (5, 17, 33),      # odd everything
-    (2, 32, 52 * 52),  # SPEC §7-like mid layer
+    (2, 32, 52 * 52),  # docs/reference.md §7-like mid layer
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 
@@ -210,7 +210,7 @@ def test_variance_delta_cpu_overwrites(impl, threads, rng, shape):
 
 @ACCURACY_SHAPES
 def test_normalize_delta_cpu_in_place(impl, threads, rng, shape):
-    """normalize_delta_cpu rewrites delta in place by SPEC §3's formula."""
+    """normalize_delta_cpu rewrites delta in place by docs/reference.md §3's formula."""
     b, f, s = shape
     x = activations(rng, shape)
     delta = activations(rng, shape, offset_std=1.0)
@@ -274,7 +274,7 @@ def test_numpy_integer_sizes_accepted(impl, rng):
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1, 1031), (2, 32, 52 * 52), (64, 16, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_fast_and_reference_agree(threads, rng, shape):
-    """Every fast kernel agrees with its reference loop to SPEC §6 tolerance (extra check)."""
+    """Every fast kernel agrees with its reference loop to docs/reference.md §6 tolerance (extra check)."""
     b, f, s = shape
     x = activations(rng, shape)
     delta = activations(rng, shape, offset_std=1.0)
@@ -318,7 +318,7 @@ def test_results_deterministic_for_a_thread_count(rng):
         darknet_bn.set_num_threads(old)
 
 
-# --------------------------------------------------------------------------- accuracy limits of SPEC §6
+# --------------------------------------------------------------------------- accuracy limits of docs/reference.md §6
 
 @pytest.mark.parametrize("offset_std", [100.0, 1e4])
 def test_mean_variance_large_offset(impl, threads, rng, offset_std):
@@ -334,7 +334,7 @@ def test_mean_variance_large_offset(impl, threads, rng, offset_std):
 
 
 def test_darknet_float_accumulator_case(impl, rng):
-    """SPEC §3's example: 346,112 values of mean 10,000 and std 1 give variance ~1 (not 183x)."""
+    """docs/reference.md §3's example: 346,112 values of mean 10,000 and std 1 give variance ~1 (not 183x)."""
     b, f, s = 8, 1, 346112 // 8
     x = f32(10000.0 + rng.standard_normal((b, f, s)))
     mean = impl.mean_cpu(x, b, f, s, np.zeros(f, np.float32))
@@ -357,7 +357,7 @@ def test_mean_variance_ten_million_values(impl, threads):
 
 @pytest.mark.parametrize("offset_std", [30.0, 100.0])
 def test_normalize_and_backward_large_offset(impl, threads, rng, offset_std):
-    """normalize and the backward kernels meet SPEC §6 for means up to 100 std from zero."""
+    """normalize and the backward kernels meet docs/reference.md §6 for means up to 100 std from zero."""
     b, f, s = 3, 4, 257
     std = rng.uniform(0.5, 2.0, f)
     off = offset_std * std * np.array([1, -1, 1, -1])
@@ -398,7 +398,7 @@ def test_nan_and_inf_stay_in_their_channel(impl, threads, rng):
 
 @pytest.mark.bigmem
 def test_more_than_2_31_elements():
-    """SPEC §2: 64-bit indexing; a tensor of more than 2^31 floats is read and written correctly."""
+    """docs/reference.md §2: 64-bit indexing; a tensor of more than 2^31 floats is read and written correctly."""
     b, f, s = 1, 2, 2 ** 30 + 3
     x = np.empty((b, f, s), np.float32)
     x[:, 0] = 1.0

@@ -1,4 +1,4 @@
-"""BatchNormLayer with Darknet numerics (SPEC §3, §8) against the float64 oracle."""
+"""BatchNormLayer with Darknet numerics (docs/reference.md §3, §8) against the float64 oracle."""
 
 import threading
 
@@ -17,7 +17,7 @@ LAYER_SHAPES = [
     (8, 6, 1, 1),      # fully connected: spatial 1
     (3, 1, 4, 9),      # one channel
     (7, 13, 11, 3),    # primes
-    (2, 32, 52, 52),   # SPEC §7-like
+    (2, 32, 52, 52),   # docs/reference.md §7-like
     (2, 1, 52, 52),    # one channel, many values: threads split inside the channel
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in LAYER_SHAPES]
@@ -137,7 +137,7 @@ def test_training_steps_then_inference(threads, rng, shape):
 
 
 def test_training_step_by_step_order(rng):
-    """One training step, checked buffer by buffer against SPEC §3's order of effect."""
+    """One training step, checked buffer by buffer against docs/reference.md §3's order of effect."""
     b, c, h, w = 3, 2, 3, 4
     layer, st = make_pair((b, c, h, w), rng)
     layer.rolling_mean = f32([0.5, -1.0])
@@ -161,7 +161,7 @@ def test_training_step_by_step_order(rng):
 
 @pytest.mark.parametrize("offset_std", [30.0, 100.0])
 def test_training_with_large_offsets(threads, rng, offset_std):
-    """Inputs whose channel means sit up to 100 std from zero still meet SPEC §6."""
+    """Inputs whose channel means sit up to 100 std from zero still meet docs/reference.md §6."""
     shape = (4, 5, 6, 7)
     layer, st = make_pair(shape, rng)
     run_steps(layer, st, rng, shape, steps=2, offset_std=offset_std)

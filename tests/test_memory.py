@@ -1,4 +1,4 @@
-"""Memory (SPEC §5, §8): creating and freeing many layers, calling kernels and
+"""Memory (docs/reference.md §5, §8): creating and freeing many layers, calling kernels and
 failing calls do not grow the process; a layer's C memory lives exactly as long
 as the layer or any of its views, and is freed by reference counting alone.
 
@@ -163,7 +163,7 @@ def test_layer_memory_freed_by_refcount_and_kept_by_views():
 
 
 def darknet_x_norm(x):
-    """SPEC §3 x_norm in float64: (x - mean) / (sqrt(unbiased variance) + 1e-6) per channel."""
+    """docs/reference.md §3 x_norm in float64: (x - mean) / (sqrt(unbiased variance) + 1e-6) per channel."""
     xd = x.astype(np.float64)
     mean = xd.mean(axis=(0, 2, 3), keepdims=True)
     return (xd - mean) / (np.sqrt(xd.var(axis=(0, 2, 3), ddof=1, keepdims=True)) + 1e-6)

@@ -1,10 +1,10 @@
 """Property tests (hypothesis): random shapes and values against the float64 oracle,
-and random malformed calls that must never crash the process (SPEC §3-§6, §8).
+and random malformed calls that must never crash the process (docs/reference.md §3-§6, §8).
 
 The data generator keeps every channel's mean within 90 of its standard
-deviations of zero (SPEC §6's domain, with margin), spans standard deviations
+deviations of zero (docs/reference.md §6's domain, with margin), spans standard deviations
 from 1e-3 to 1e3 and deltas from 1e-2 to 1e2, includes constant channels, and
-uses the SPEC §6 tolerance. The layer is checked on the whole domain, including
+uses the docs/reference.md §6 tolerance. The layer is checked on the whole domain, including
 deltas whose exact backward is a small difference of large terms.
 
 The kernel chain mean_delta_cpu -> variance_delta_cpu -> normalize_delta_cpu is
@@ -37,7 +37,7 @@ from conftest import ULPS, assert_close, assert_ulps, f32, float32_ulp
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-OFFSET_STD = 90.0    # |mean| <= 90 std (SPEC §6 says 100)
+OFFSET_STD = 90.0    # |mean| <= 90 std (docs/reference.md §6 says 100)
 MAX_GAIN = 4.0       # bounds for the deltas of the kernel backward chain (module docstring)
 MAX_VD_TERMS = 2.0
 
@@ -220,7 +220,7 @@ def test_kernels_match_oracle(case, impl_name):
 @given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9),
        st.sampled_from(["darknet", "standard"]))
 def test_training_with_one_value_per_channel_is_refused(b, c, h, w, numerics):
-    """Training needs m = batch*h*w >= 2 (SPEC §5): m < 2 raises ArgumentError and writes nothing."""
+    """Training needs m = batch*h*w >= 2 (docs/reference.md §5): m < 2 raises ArgumentError and writes nothing."""
     layer = darknet_bn.BatchNormLayer(b, w, h, c, numerics=numerics)
     x = f32(np.arange(b * c * h * w).reshape(b, c, h, w) + 1.0)
     if b * h * w >= 2:
@@ -341,7 +341,7 @@ def test_update_with_learning_rate_beyond_float32():
 
 
 def test_standard_eps_that_underflows_float32_names_eps():
-    """eps=1e-50 (positive, but 0 in float32) is refused with a message naming eps (SPEC §8)."""
+    """eps=1e-50 (positive, but 0 in float32) is refused with a message naming eps (docs/reference.md §8)."""
     with pytest.raises(ValueError) as ei:
         darknet_bn.BatchNormLayer(2, 2, 2, 2, numerics="standard", eps=1e-50)
     assert "eps" in str(ei.value), str(ei.value)

@@ -1,4 +1,4 @@
-"""Standard numerics (SPEC §4): float64 oracle, finite differences, and PyTorch."""
+"""Standard numerics (docs/reference.md §4): float64 oracle, finite differences, and PyTorch."""
 
 import numpy as np
 import pytest
@@ -77,7 +77,7 @@ def test_standard_inference_with_single_value(rng):
 
 @pytest.mark.parametrize("offset_std", [30.0, 100.0])
 def test_standard_large_offsets(rng, offset_std):
-    """Standard numerics meet SPEC §6 for channel means up to 100 std from zero."""
+    """Standard numerics meet docs/reference.md §6 for channel means up to 100 std from zero."""
     shape = (4, 5, 6, 7)
     layer, st = make_pair(shape, rng, numerics="standard")
     run_steps(layer, st, rng, shape, steps=2, offset_std=offset_std, darknet=False)
@@ -143,7 +143,7 @@ def test_against_torch_batch_norm(rng, dtype, eps, momentum):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     tdt = getattr(torch, dtype)
-    # A float32 torch is itself within SPEC §6 of exact, so two such results differ by at most twice that.
+    # A float32 torch is itself within docs/reference.md §6 of exact, so two such results differ by at most twice that.
     k = 2.0 if dtype == "float32" else 1.0
     rtol, atol = k * RTOL, k * ATOL
     b, c, h, w = 4, 3, 5, 6

@@ -1,10 +1,10 @@
-"""Numerics under stress against the float64 oracle (SPEC §3, §4, §5, §6).
+"""Numerics under stress against the float64 oracle (docs/reference.md §3, §4, §5, §6).
 
 Large offsets with 10^7 values per channel, constant channels, denormal and huge
 magnitudes, NaN/Inf confined to their channel (forward and backward, on every
 work split of the C code), all-zero deltas, and ill-conditioned backward passes.
 
-Where SPEC §6's absolute tolerance (1e-5) would hide the failure being looked for
+Where docs/reference.md §6's absolute tolerance (1e-5) would hide the failure being looked for
 (denormal results are far below it), the checks are relative and say so.
 """
 
@@ -106,7 +106,7 @@ def test_ten_million_values_offset_1e4_std_layer(ten_million, numerics):
 
 @pytest.mark.parametrize("numerics", NUMERICS)
 def test_offset_100_std_large_channels_meet_tolerance(rng, numerics):
-    """Offsets of 100 std with 5e5 values per channel, channels split over threads: outputs and deltas within SPEC §6."""
+    """Offsets of 100 std with 5e5 values per channel, channels split over threads: outputs and deltas within docs/reference.md §6."""
     shape = (1, 2, 1000, 500)
     b, c, h, w = shape
     std = np.array([0.7, 3.0])
@@ -260,7 +260,7 @@ def test_denormals_kernels(rng, impl_name, dims):
 @pytest.mark.parametrize("numerics", NUMERICS)
 @pytest.mark.parametrize("shape", [(3, 4, 5, 7), (256, 12, 1, 1)], ids=["rows", "fc"])
 def test_denormal_inputs_layer(rng, numerics, shape):
-    """A layer fed denormal inputs normalizes them correctly (relative check: x_norm is ~1e-33, below SPEC's atol)."""
+    """A layer fed denormal inputs normalizes them correctly (relative check: x_norm is ~1e-33, below the atol of docs/reference.md §6)."""
     b, c, h, w = shape
     x = denormals(rng, shape)
     layer, st = make_pair(shape, numerics)
@@ -299,7 +299,7 @@ def test_denormal_deltas_layer(rng, numerics, shape):
 @pytest.mark.parametrize("numerics", NUMERICS)
 @pytest.mark.parametrize("shape", [(3, 3, 8, 9), (512, 3, 1, 1)], ids=["rows", "fc"])
 def test_huge_inputs_layer(rng, numerics, shape):
-    """Inputs ~1e19 (squares overflow float32, not double): statistics within 4 ulps, outputs/deltas within SPEC §6."""
+    """Inputs ~1e19 (squares overflow float32, not double): statistics within 4 ulps, outputs/deltas within docs/reference.md §6."""
     b, c, h, w = shape
     scale = np.array([1e19, -3e18, 1.5e19])[:c]
     x = f32(scale[None, :, None, None] * (2.0 + rng.standard_normal(shape)))
@@ -348,7 +348,7 @@ def test_variance_beyond_float32_still_normalizes(rng, numerics):
 
 @pytest.mark.parametrize("numerics", NUMERICS)
 def test_huge_deltas_layer(rng, numerics):
-    """Deltas ~1e30: gradients and update sums within SPEC §6 scaled by 1e30, nothing overflows."""
+    """Deltas ~1e30: gradients and update sums within docs/reference.md §6 scaled by 1e30, nothing overflows."""
     shape = (4, 3, 7, 6)
     layer, st = make_pair(shape, numerics, scales=[2.0, -0.5, 1.0])
     x = activations(rng, shape)
@@ -357,7 +357,7 @@ def test_huge_deltas_layer(rng, numerics):
     d = f32(1e30 * rng.standard_normal(shape))
     layer.backward(d)
     st.backward(d)
-    # Backward is linear in delta: this is the unit-scale problem times 1e30, so SPEC §6's
+    # Backward is linear in delta: this is the unit-scale problem times 1e30, so docs/reference.md §6's
     # absolute term scales with it (the unit-scale cancellation case is tested on its own below).
     for name in ("delta", "bias_updates", "scale_updates"):
         assert np.isfinite(getattr(layer, name)).all(), name
@@ -521,7 +521,7 @@ def test_all_zero_deltas_kernels(rng, impl_name):
 # --------------------------------------------------------------------------- ill-conditioned backward
 
 # Minimal cases where the exact gradient is a small difference of large terms
-# (|scale * delta / std| >> 1): SPEC §6 asks for 1e-5 relative + 1e-5 absolute
+# (|scale * delta / std| >> 1): docs/reference.md §6 asks for 1e-5 relative + 1e-5 absolute
 # on deltas for every input within 100 std, with no bound on delta or std.
 # The third: a constant delta, so sum delta (x - mean) = 0 and Darknet's variance_delta is
 # exactly ~0, while its terms are ~1.8e4 (0.5 (var + 1e-5)^(-3/2) sum |x - mean|).
@@ -536,7 +536,7 @@ ILL_CONDITIONED = [
 @pytest.mark.parametrize("numerics,x,d", ILL_CONDITIONED,
                          ids=["standard-m2", "darknet-m6", "darknet-variance_delta"])
 def test_backward_cancellation_meets_spec_tolerance(numerics, x, d):
-    """Backward where an exact result is a small difference of large terms still meets SPEC §6 (1e-5 rel + abs)."""
+    """Backward where an exact result is a small difference of large terms still meets docs/reference.md §6 (1e-5 rel + abs)."""
     m = len(x)
     shape = (1, 1, 1, m)
     layer, st = make_pair(shape, numerics)
@@ -554,7 +554,7 @@ def test_backward_cancellation_meets_spec_tolerance(numerics, x, d):
 
 @pytest.mark.parametrize("impl_name", list(IMPLS))
 def test_normalize_delta_kernel_cancellation_meets_spec_tolerance(impl_name):
-    """normalize_delta_cpu where delta/sqrt(var + 1e-5) and mean_delta/m cancel meets SPEC §6 for its given inputs."""
+    """normalize_delta_cpu where delta/sqrt(var + 1e-5) and mean_delta/m cancel meets docs/reference.md §6 for its given inputs."""
     impl = IMPLS[impl_name]
     b, f, s = 1, 1, 4
     x = np.zeros((b, f, s), np.float32)   # variance 0: 1/sqrt(var + 1e-5) = 316.2

@@ -1,7 +1,7 @@
 """darknet_bn.torch against torch.nn.BatchNorm1d/2d with identical parameters.
 
 Tensors are compared with |got - want| <= 2e-5*|want| + 2e-5 (float32 on both
-sides: SPEC §6's 1e-5 + 1e-5 doubled, since PyTorch's own float32 result is
+sides: docs/reference.md §6's 1e-5 + 1e-5 doubled, since PyTorch's own float32 result is
 the reference here, not an exact one); the CNN's losses with rtol 1e-4.
 torch.autograd.gradcheck is not usable (it needs float64, the kernels are
 float32): gradients are compared with PyTorch's autograd instead.

@@ -6,7 +6,7 @@ import darknet_bn
 
 
 def darknet_x_norm(x):
-    """SPEC §3 in float64: (x - mean) / (sqrt(unbiased var) + 1e-6) per channel."""
+    """docs/reference.md §3 in float64: (x - mean) / (sqrt(unbiased var) + 1e-6) per channel."""
     xd = x.astype(np.float64)
     mean = xd.mean(axis=(0, 2, 3), keepdims=True)
     var = xd.var(axis=(0, 2, 3), ddof=1, keepdims=True)

@@ -2,11 +2,11 @@
  * tests/c/test_darknet_bn.c - the C test program of darknet_bn.
  *
  * Checks the public C API of csrc/darknet_bn.h against an independent oracle
- * written from SPEC.md: §3 (Darknet numerics: the ten kernels, the layer's
+ * written from docs/reference.md: §3 (Darknet numerics: the ten kernels, the layer's
  * forward/backward/update) and §4 (standard numerics), evaluated with naive
  * loops in double precision on the same float32 inputs the library gets.
  *
- * Tolerances are SPEC §6's:
+ * Tolerances are docs/reference.md §6's:
  *   outputs, deltas, accumulators:  |got - want| <= 1e-5*|want| + 1e-5
  *   batch mean and variance:        |got - want| <= 4 float32 ulps of want
  * Where the oracle is NaN or Inf (§5, non-finite input), the library must be
@@ -136,7 +136,7 @@ static double excess(double got, double want, int ulps)
     return d <= t ? 0.0 : d / t;
 }
 
-/* got (float) against want (double), SPEC §6 tolerance or 4 float32 ulps. */
+/* got (float) against want (double), docs/reference.md §6 tolerance or 4 float32 ulps. */
 static int check_buf(const char *test, const char *what, const float *got, const double *want, size_t n, int ulps)
 {
     size_t bad = 0, wi = 0;
@@ -339,7 +339,7 @@ static void fill_gauss(rng_t *r, float *a, size_t n, double mu, double sd)
 }
 
 /* ======================================================================
- * The oracle: SPEC §3 and §4 in double, naive loops
+ * The oracle: docs/reference.md §3 and §4 in double, naive loops
  * ====================================================================== */
 
 /* §3 mean_cpu: mean[f] = (1/m) sum x. */
@@ -918,7 +918,7 @@ static void test_variance_m1(void)
     }
 }
 
-/* Mean and variance of 346,112 values of mean 1e4 and std 1 in one channel: within 4 float32 ulps (SPEC §3, §6). */
+/* Mean and variance of 346,112 values of mean 1e4 and std 1 in one channel: within 4 float32 ulps (docs/reference.md §3, §6). */
 static void test_mean_variance_offset_large(void)
 {
     g_test = __func__;
