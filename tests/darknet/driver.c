@@ -127,6 +127,14 @@ static int parse_count(const char *s, int min, int max, int *out)
     return 0;
 }
 
+/* parse_count for option `name`; on error prints one line and returns -1. */
+static int count_option(const char *name, const char *s, int min, int max, int *out)
+{
+    if (parse_count(s, min, max, out) == 0) return 0;
+    fprintf(stderr, "driver: %s needs an integer in %d..%d; " USAGE "\n", name, min, max);
+    return -1;
+}
+
 /* 0 on success, 1 for --help; on error prints one line and returns -1. */
 static int parse_args(int argc, char **argv, options *o)
 {
@@ -143,27 +151,15 @@ static int parse_args(int argc, char **argv, options *o)
         } else if (!strcmp(a, "--standalone-bn")) {
             o->standalone_bn = 1;
         } else if (!strcmp(a, "--steps")) {
-            if (parse_count(v, 1, DN_MAX_STEPS, &o->steps)) {
-                fprintf(stderr, "driver: --steps needs an integer in 1..%d; "
-                        USAGE "\n", DN_MAX_STEPS);
-                return -1;
-            }
+            if (count_option(a, v, 1, DN_MAX_STEPS, &o->steps)) return -1;
             ++i;
         } else if (!strcmp(a, "--batch")) {
             /* Batch 1 makes Darknet's variance_cpu divide by
              * batch*spatial - 1 = 0 in the connected layer: NaN. */
-            if (parse_count(v, 2, DN_MAX_BATCH, &o->batch)) {
-                fprintf(stderr, "driver: --batch needs an integer in 2..%d; "
-                        USAGE "\n", DN_MAX_BATCH);
-                return -1;
-            }
+            if (count_option(a, v, 2, DN_MAX_BATCH, &o->batch)) return -1;
             ++i;
         } else if (!strcmp(a, "--bench-bn")) {
-            if (parse_count(v, 1, DN_MAX_REPS, &o->bench_reps)) {
-                fprintf(stderr, "driver: --bench-bn needs an integer in "
-                        "1..%d; " USAGE "\n", DN_MAX_REPS);
-                return -1;
-            }
+            if (count_option(a, v, 1, DN_MAX_REPS, &o->bench_reps)) return -1;
             ++i;
         } else if (!strcmp(a, "--dump")) {
             if (!v || !*v) {
