@@ -2,7 +2,7 @@
 #
 #   make          build/libdarknet_bn.so, build/libdarknet_bn.a, build/bench_batchnorm,
 #                 build/tiny_net
-#   make test     C tests (plain, under ASan+UBSan, under valgrind), then a virtual
+#   make test     C tests (plain, under ASan+UBSan, under valgrind), the C API fuzz driver, then a virtual
 #                 environment (.venv) with the package and its extras, then pytest
 #   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
 #   make bench    the Python benchmark against PyTorch, NumPy and the reference path
@@ -30,7 +30,7 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: all lib flavors darknet-shim darknet-installed test-darknet bench-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
+.PHONY: fuzz all lib flavors darknet-shim darknet-installed test-darknet bench-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
 
 FLAVOR ?= pjreddie
 ifeq ($(FLAVOR),alexeyab)
@@ -97,6 +97,17 @@ $(BUILD)/test_darknet_bn_asan: $(LIB_SRCS) $(HEADERS) csrc/rows.inc.h $(wildcard
 	@mkdir -p $(BUILD)
 	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) $(SANFLAGS) -Icsrc $(LIB_SRCS) $(wildcard tests/c/*.c) -o $@ $(LDLIBS)
 
+# A random driver over the whole public C API (tests/fuzz/fuzz_api.c) under ASan + UBSan: caller-built
+# layers with zero, negative and inconsistent sizes, NULL buffers, any state; every function in random
+# order. make test runs it for FUZZ_SECONDS; `make fuzz FUZZ_SECONDS=600` for a long run.
+FUZZ_SECONDS ?= 10
+$(BUILD)/fuzz_api: $(LIB_SRCS) $(HEADERS) csrc/rows.inc.h tests/fuzz/fuzz_api.c
+	@mkdir -p $(BUILD)
+	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) $(SANFLAGS) -Icsrc $(LIB_SRCS) tests/fuzz/fuzz_api.c -o $@ $(LDLIBS)
+
+fuzz: $(BUILD)/fuzz_api
+	$(BUILD)/fuzz_api --seconds $(FUZZ_SECONDS)
+
 sanitize: $(BUILD)/test_darknet_bn_asan
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 $(BUILD)/test_darknet_bn_asan
 
@@ -157,7 +168,7 @@ pytest: venv
 tools:
 	command -v pkg-config >/dev/null || (apt-get update -qq && apt-get install -y -qq pkg-config)
 
-test: all flavors ctest sanitize valgrind tools pytest
+test: all flavors ctest sanitize fuzz valgrind tools pytest
 
 demo: venv
 	$(VPY) -m darknet_bn.demo $(DEMO_ARGS)

@@ -102,9 +102,31 @@ void dnbn_free_batchnorm_layer(dnbn_layer *l)
     free(l);
 }
 
+/* What every call needs of a layer, made here or filled in by the caller:
+ * sizes that describe a tensor (batch may be 0, a shard without values),
+ * outputs consistent with them, and the buffers every phase touches. Calls
+ * given anything else return DNBN_ERR_ARG and write nothing. */
+static int layer_ok(const dnbn_layer *l)
+{
+    if (!l || l->batch < 0 || l->out_c < 1 || l->out_h < 1 || l->out_w < 1) return 0;
+    idx_t ch = (idx_t)l->out_c * l->out_h; /* <= 2^62; outputs is an int */
+    if (ch > INT_MAX || ch * l->out_w != (idx_t)l->outputs) return 0;
+    return l->output && l->scales && l->biases && l->mean && l->variance && l->rolling_mean &&
+           l->rolling_variance && l->scratch;
+}
+
+/* A training forward also keeps x (and x_norm when asked to). */
+static int train_buffers_ok(const dnbn_layer *l) { return l->x && (!l->keep_x_norm || l->x_norm); }
+
+/* Backward reads x and delta and accumulates into the update buffers. */
+static int backward_buffers_ok(const dnbn_layer *l)
+{
+    return l->x && l->delta && l->scale_updates && l->bias_updates;
+}
+
 int dnbn_batchnorm_layer_set_numerics(dnbn_layer *l, int numerics, float eps, float momentum)
 {
-    if (!l || (numerics != DNBN_NUMERICS_DARKNET && numerics != DNBN_NUMERICS_STANDARD)) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || (numerics != DNBN_NUMERICS_DARKNET && numerics != DNBN_NUMERICS_STANDARD)) return DNBN_ERR_ARG;
     if (!(momentum >= 0.0f && momentum <= 1.0f)) return DNBN_ERR_ARG;
     if (numerics == DNBN_NUMERICS_STANDARD && !(eps > 0.0f && isfinite(eps))) return DNBN_ERR_ARG;
     l->numerics = numerics;
@@ -285,7 +307,7 @@ static pass make_pass(dnbn_layer *l, const dnbn_part *pt, const float *in, int t
 
 int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
 {
-    if (!l || !net.input) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || !net.input || (net.train && !train_buffers_ok(l))) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
@@ -337,7 +359,7 @@ static void fill_unit(void *arg, idx_t unit)
 
 int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
 {
-    if (!l || !l->x_norm) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || !l->x || !l->x_norm) return DNBN_ERR_ARG;
     if (!l->trained) return DNBN_ERR_STATE;
     /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
      * treat the tensor as (batch, filters, 1) through the generic partition. */
@@ -489,7 +511,7 @@ static void sums_out_finish(void *arg, idx_t f, const double acc[3])
 
 int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
 {
-    if (!l || !delta_in) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, delta_in, 3);
@@ -508,7 +530,7 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
 
 int dnbn_backward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
 {
-    if (!l) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || !backward_buffers_ok(l)) return DNBN_ERR_ARG;
     if (!net.train) return DNBN_ERR_STATE;
     int status = dnbn_backward_batchnorm_layer_from(l, l->delta);
     if (status == DNBN_OK && net.delta && net.delta != l->delta)
@@ -521,7 +543,7 @@ int dnbn_backward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
 int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double count, const double *mean,
                                     const double *m2)
 {
-    if (!l || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || !train_buffers_ok(l) || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
     pass p = make_pass(l, &pt, input, 3 + (l->keep_x_norm != 0));
@@ -542,7 +564,8 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
 
 int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev)
 {
-    if (!l || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
+    /* reads x and delta_in only: the layer's delta and update buffers may be NULL */
+    if (!layer_ok(l) || !l->x || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, delta_in, 3);
@@ -561,7 +584,8 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
 int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double count, const double *sum_dy,
                                    const double *sum_dy_dev)
 {
-    if (!l || !delta_in || !sum_dy || !sum_dy_dev || !(count >= 1)) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in || !sum_dy || !sum_dy_dev || !(count >= 1))
+        return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, delta_in, 3);
@@ -584,7 +608,7 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
 int dnbn_update_batchnorm_layer(dnbn_layer *l, float learning_rate, float momentum, float decay)
 {
     (void)decay; /* Darknet applies no weight decay to batch-norm scales and biases */
-    if (!l) return DNBN_ERR_ARG;
+    if (!layer_ok(l) || !l->scale_updates || !l->bias_updates) return DNBN_ERR_ARG;
     float step = learning_rate / (float)l->batch;
     for (int f = 0; f < l->out_c; f++) {
         l->biases[f] += step * l->bias_updates[f];

@@ -40,7 +40,11 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial)
     return pt;
 }
 
-idx_t dnbn_units(const dnbn_part *pt) { return (pt->filters + pt->group - 1) / pt->group * pt->parts; }
+/* An empty partition (a size <= 0) has no units. */
+idx_t dnbn_units(const dnbn_part *pt)
+{
+    return pt->group > 0 ? (pt->filters + pt->group - 1) / pt->group * pt->parts : 0;
+}
 
 idx_t dnbn_unit_first(const dnbn_part *pt, idx_t unit) { return unit / pt->parts * pt->group; }
 
@@ -284,6 +288,12 @@ static void public_moments_finish(void *arg, idx_t f, const double acc[3])
 
 void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2)
 {
+    if (filters <= 0 || !mean || !m2) return;
+    if (batch <= 0 || spatial <= 0) { /* a shard without values: count 0, mean 0, m2 0 */
+        for (idx_t f = 0; f < filters; f++) mean[f] = m2[f] = 0;
+        return;
+    }
+    if (!x) return;
     dnbn_part pt = dnbn_partition(batch, filters, spatial);
     public_moments_ctx c = {dnbn_rows_active(), &pt, x, mean, m2};
     dnbn_reduce r = {public_moments_unit, dnbn_moments_merge, public_moments_finish, &c};
@@ -293,6 +303,7 @@ void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial,
 void dnbn_batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,
                                const double *mean_b, const double *m2_b)
 {
+    if (!mean_a || !m2_a || !mean_b || !m2_b) return;
     for (idx_t f = 0; f < filters; f++) {
         double a[3] = {n_a, mean_a[f], m2_a[f]}, b[3] = {n_b, mean_b[f], m2_b[f]};
         dnbn_moments_merge(a, b);

@@ -158,7 +158,11 @@ void normalize_delta_cpu_ref(float *x, float *mean, float *variance, float *mean
  * then dnbn_batchnorm_layer_set_numerics) and never call dnbn_free_batchnorm_layer on
  * it. x may point at the input itself: forward then does not copy it. In such
  * a layer x_norm may be NULL when keep_x_norm is zero, and mean_delta and
- * variance_delta may be NULL (they are then not written). */
+ * variance_delta may be NULL (they are then not written); batch may be 0 (a
+ * shard without values, for the phases of section 4). Every layer function
+ * returns DNBN_ERR_ARG and writes nothing for a layer whose sizes are not
+ * batch >= 0, out_c, out_h, out_w >= 1 and outputs == out_c*out_h*out_w, or
+ * whose buffers the call needs are NULL. */
 typedef struct dnbn_layer {
     int batch;              /* images per batch */
     int out_c, out_h, out_w; /* channels, height, width (input shape = output shape) */
@@ -258,7 +262,8 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l);
  * With one shard this is exactly the fused forward and backward. Moments are
  * in double: count n, mean, and m2 = sum (x - mean)^2, accurate for any offset. */
 
-/* Overwrites mean[f] and m2[f] (filters doubles each). */
+/* Overwrites mean[f] and m2[f] (filters doubles each). A shard without values
+ * (batch or spatial <= 0) gives mean = m2 = 0, its count being 0. */
 void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2);
 
 /* Merges shard b into shard a (Chan et al.): n_a values with mean_a, m2_a and
@@ -275,7 +280,8 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
 
 /* Backward phase 1: overwrites sum_dy[f] = sum delta_in and
  * sum_dy_dev[f] = sum delta_in*(x - mean) over the local batch (filters doubles
- * each). Writes nothing in the layer. DNBN_ERR_STATE as backward. */
+ * each). Writes nothing in the layer, and reads only x and the scratch (its
+ * delta and update buffers may be NULL). DNBN_ERR_STATE as backward. */
 int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *sum_dy, double *sum_dy_dev);
 
 /* Backward phase 2: with the sums over all count values per channel, does what

@@ -1338,6 +1338,73 @@ static void test_make_errors(void)
     check_true("dnbn_free_batchnorm_layer(NULL)", "returns", 1);
 }
 
+/* Layer functions on a layer whose sizes are zero, negative or inconsistent, or whose buffers are NULL,
+ * return DNBN_ERR_ARG and write nothing; moments of a shard without values are 0; a layer of batch 0
+ * (an empty shard) takes global statistics and moves its running statistics. */
+static void test_layer_edges(void)
+{
+    g_test = __func__;
+    const char *tn = "caller-built layer edges";
+    dnbn_layer *made = dnbn_make_batchnorm_layer(2, 3, 2, 4);
+    float input[48];
+    for (int i = 0; i < 48; i++) input[i] = (float)(i % 7) - 2.5f;
+    dnbn_network net = {.input = input, .delta = NULL, .train = 1};
+    int sizes[][5] = {{0, 4, 2, 3, 24}, {2, 0, 2, 3, 24}, {2, 4, -2, 3, 24}, {-1, 4, 2, 3, 24},
+                      {2, 4, 2, 3, 25}, {2, 4, 2, INT_MAX, 24}, {2, INT_MAX, INT_MAX, INT_MAX, 24}};
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        dnbn_layer l = *made;
+        l.batch = sizes[k][0], l.out_c = sizes[k][1], l.out_h = sizes[k][2], l.out_w = sizes[k][3];
+        l.outputs = sizes[k][4];
+        float before = l.output[0], rm = l.rolling_mean[0];
+        /* (batch 0 is a valid size, but cannot train: m < 2) */
+        check_int(tn, "forward", dnbn_forward_batchnorm_layer(&l, net), DNBN_ERR_ARG);
+        check_true(tn, "forward wrote nothing", l.output[0] == before && l.rolling_mean[0] == rm);
+        if (sizes[k][0] != 0) {
+            net.train = 0;
+            check_int(tn, "inference forward", dnbn_forward_batchnorm_layer(&l, net), DNBN_ERR_ARG);
+            net.train = 1;
+            check_int(tn, "fill_x_norm", dnbn_batchnorm_layer_fill_x_norm(&l), DNBN_ERR_ARG);
+            check_int(tn, "backward", dnbn_backward_batchnorm_layer(&l, net), DNBN_ERR_ARG);
+            check_int(tn, "update", dnbn_update_batchnorm_layer(&l, 0.1f, 0.9f, 0), DNBN_ERR_ARG);
+        }
+    }
+    float **bufs[] = {&made->output, &made->x, &made->delta, &made->scales, &made->rolling_mean};
+    for (size_t k = 0; k < sizeof bufs / sizeof *bufs; k++) {
+        dnbn_layer l = *made;
+        *(float **)((char *)&l + ((char *)bufs[k] - (char *)made)) = NULL;
+        /* forward does not need delta; backward needs all five */
+        check_int(tn, "forward with a NULL buffer", dnbn_forward_batchnorm_layer(&l, net),
+                  bufs[k] == &made->delta ? DNBN_OK : DNBN_ERR_ARG);
+        check_int(tn, "backward with a NULL buffer", dnbn_backward_batchnorm_layer(&l, net), DNBN_ERR_ARG);
+    }
+    dnbn_layer nos = *made;
+    nos.scratch = NULL;
+    check_int(tn, "forward without scratch", dnbn_forward_batchnorm_layer(&nos, net), DNBN_ERR_ARG);
+
+    double mean[3] = {9, 9, 9}, m2[3] = {9, 9, 9};
+    dnbn_batchnorm_moments(input, 0, 3, 8, mean, m2);
+    check_true(tn, "moments of batch 0", mean[0] == 0 && m2[2] == 0);
+    mean[1] = 9;
+    dnbn_batchnorm_moments(input, 2, 3, 0, mean, m2);
+    check_true(tn, "moments of spatial 0", mean[1] == 0);
+
+    /* an empty shard: batch 0, global statistics given */
+    dnbn_layer empty = *made;
+    empty.batch = 0;
+    check_int(tn, "set_numerics (running statistics reset)",
+              dnbn_batchnorm_layer_set_numerics(&empty, DNBN_NUMERICS_DARKNET, 1e-5f, 0.01f), DNBN_OK);
+    double gmean[4] = {1, 2, 3, 4}, gm2[4] = {4, 8, 12, 16}; /* the layer's 4 channels */
+    check_int(tn, "forward_moments on an empty shard", dnbn_batchnorm_layer_forward_moments(&empty, input, 5, gmean, gm2),
+              DNBN_OK);
+    /* darknet numerics, rolling from 0: 0.01 * mean and 0.01 * m2/(count-1) */
+    check_true(tn, "empty shard: rolling_mean", fabs(empty.rolling_mean[2] - 0.03) < 1e-7);
+    check_true(tn, "empty shard: rolling_variance", fabs(empty.rolling_variance[1] - 0.02) < 1e-7);
+    double s[4], sd[4];
+    check_int(tn, "backward_sums on an empty shard", dnbn_batchnorm_layer_backward_sums(&empty, empty.delta, s, sd),
+              DNBN_OK);
+    dnbn_free_batchnorm_layer(made);
+}
+
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
 static void test_threads_setting(void)
 {
@@ -1902,6 +1969,7 @@ int main(void)
     test_forward_m_below_2();
     test_backward_state();
     test_make_errors();
+    test_layer_edges();
     test_set_numerics();
     test_input_is_output();
     test_backward_from();
