@@ -131,11 +131,39 @@ static void fuzz_kernels(float *a, float *b, float *c, float *d, float *e, size_
     }
 }
 
+/* A layer the library allocates: sizes small, or out of range (rejected before any allocation). */
+static void made_layer(void)
+{
+    int sz[4];
+    for (int i = 0; i < 4; i++) sz[i] = chance(85) ? 1 + below(6) : lie_about(3);
+    if (chance(5)) sz[1] = sz[2] = sz[3] = INT_MAX / 2; /* c*h*w beyond an int */
+    /* sz = (batch, w, h, c): valid but large layers are not what this driver is for */
+    double per_image = (double)sz[1] * sz[2] * sz[3];
+    if (sz[0] > 0 && sz[1] > 0 && sz[2] > 0 && sz[3] > 0 && per_image <= INT_MAX && sz[0] * per_image > (1 << 20))
+        return;
+    dnbn_layer *l = dnbn_make_batchnorm_layer(sz[0], sz[1], sz[2], sz[3]);
+    if (l) {
+        size_t n = (size_t)l->batch * (size_t)l->outputs;
+        float *in = floats(n);
+        dnbn_network net = {.input = in, .delta = chance(50) ? NULL : in, .train = below(2)};
+        if (chance(50)) check_status(dnbn_batchnorm_layer_set_numerics(l, below(2), 1e-5f, 0.1f));
+        check_status(dnbn_forward_batchnorm_layer(l, net));
+        check_status(dnbn_batchnorm_layer_fill_x_norm(l));
+        check_status(dnbn_backward_batchnorm_layer(l, net));
+        check_status(dnbn_update_batchnorm_layer(l, any_float(), any_float(), any_float()));
+        free(in);
+    }
+    dnbn_free_batchnorm_layer(l);
+}
+
 static void iteration(void)
 {
+    if (chance(10)) made_layer();
     /* the truth */
     int batch = below(6), c = 1 + below(chance(20) ? 300 : 9);
     int h = 1 + below(chance(30) ? 40 : 4), w = chance(30) ? 1 : 1 + below(5);
+    if (chance(2)) /* large enough for several threads, and for channels split across them */
+        batch = 4 + below(4), c = 1 + below(3), h = 128 + below(64), w = 128;
     size_t n = (size_t)batch * (size_t)c * (size_t)h * (size_t)w, nc = (size_t)c;
     float *act[5], *chan[10];
     for (int i = 0; i < 5; i++) act[i] = floats(n);
