@@ -58,7 +58,7 @@ void normalize_cpu_ref(float *x, float *mean, float *variance, int batch, int fi
         for (int f = 0; f < filters; ++f)
             for (int i = 0; i < spatial; ++i) {
                 idx_t index = AT(b, f, i);
-                x[index] = (x[index] - mean[f]) / REF_NORMALIZE_DIVISOR(variance[f]);
+                x[index] = (float)(((double)x[index] - mean[f]) / REF_NORMALIZE_DIVISOR(variance[f])); /* no overflow of x - mean */
             }
 }
 

@@ -37,6 +37,46 @@ static inline rv4d ROWS(ld4d)(const float *p)
 #endif
 }
 
+typedef int32_t rv8i __attribute__((vector_size(32)));
+
+static inline int ROWS(finite)(float v) { return v - v == 0.0f; }
+
+/* Overflow safety of the float passes. They form x - mean in float, which
+ * overflows when x and the mean lie far apart near the ends of the float32
+ * range although the normalized value is finite. Such a lane comes out
+ * non-finite (an infinity stays one or becomes NaN, and carries into
+ * y = xn * gamma + beta), so each 8-lane step checks its last result, and a
+ * step with a non-finite lane is computed again in double before it is stored
+ * (in place, its input is still there). Finite results are never touched; a
+ * lane that is non-finite in double too (NaN or infinite input, a true result
+ * beyond float32) keeps that value. */
+static inline int ROWS(any_nonfinite)(rv8f a)
+{
+    rv8f z = a - a; /* 0, or NaN where a is not finite */
+    rv8i m = (rv8i)(z != z);
+#ifdef ROWS_AVX2
+    return _mm256_movemask_ps((__m256)m) != 0;
+#else
+    uint64_t w[4];
+    memcpy(w, &m, sizeof w);
+    return (w[0] | w[1] | w[2] | w[3]) != 0;
+#endif
+}
+
+/* One value of a normalizing pass: xn = ((v - mh) - ml) * inv and
+ * y = xn * gamma + beta in float, or in double if float overflowed. */
+static inline void ROWS(norm1)(float v, float mh, float ml, float inv, float gamma, float beta, float *xn, float *y)
+{
+    float t = ((v - mh) - ml) * inv, u = t * gamma + beta;
+    if (ROWS(finite)(t) && ROWS(finite)(u)) {
+        *xn = t, *y = u;
+        return;
+    }
+    double d = (((double)v - mh) - ml) * inv;
+    *xn = (float)d;
+    *y = (float)(d * gamma + beta);
+}
+
 static inline double ROWS(hsum)(rv4d a, rv4d b, rv4d c, rv4d d)
 {
     rv4d s = (a + b) + (c + d);
@@ -176,8 +216,16 @@ static void ROWS(normalize)(float *y, idx_t n, float mean, float inv)
     const rv8f vm = {mean, mean, mean, mean, mean, mean, mean, mean};
     const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
     idx_t i = 0;
-    for (; i + 8 <= n; i += 8) ROWS(st8)(y + i, (ROWS(ld8)(y + i) - vm) * vi);
-    for (; i < n; i++) y[i] = (y[i] - mean) * inv;
+    for (; i + 8 <= n; i += 8) {
+        rv8f t = (ROWS(ld8)(y + i) - vm) * vi;
+        if (ROWS(any_nonfinite)(t)) {
+            float lanes[8], unused;
+            for (int j = 0; j < 8; j++) ROWS(norm1)(y[i + j], mean, 0.0f, inv, 1.0f, 0.0f, &lanes[j], &unused);
+            t = ROWS(ld8)(lanes);
+        }
+        ROWS(st8)(y + i, t);
+    }
+    for (float unused; i < n; i++) ROWS(norm1)(y[i], mean, 0.0f, inv, 1.0f, 0.0f, &y[i], &unused);
 }
 
 /* Stores for the passes that write a whole tensor. With `stream` (large
@@ -225,32 +273,73 @@ static inline void ROWS(stream_end)(int nt)
 static inline void ROWS(forward_train1)(const float *in, float *x, float *xn, float *y, idx_t i, float mh, float ml,
                                         float inv, float gamma, float beta)
 {
-    float v = in[i];
-    float t = ((v - mh) - ml) * inv;
+    float v = in[i], t, u;
+    ROWS(norm1)(v, mh, ml, inv, gamma, beta, &t, &u);
     if (x) x[i] = v;
     if (xn) xn[i] = t;
-    if (y) y[i] = t * gamma + beta;
+    if (y) y[i] = u;
 }
 
-static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
-                                float inv, float gamma, float beta, int stream)
+/* The 8 lanes of a normalizing step at in + i, recomputed one by one (after a
+ * non-finite lane). */
+static inline void ROWS(norm8)(const float *in, const float *mh, const float *ml, const float *inv, const float *g,
+                               const float *b, int per_lane, rv8f *t, rv8f *y)
+{
+    float tl[8], yl[8];
+    for (int j = 0, k = 0; j < 8; j++, k += per_lane)
+        ROWS(norm1)(in[j], mh[k], ml[k], inv[k], g[k], b[k], &tl[j], &yl[j]);
+    *t = ROWS(ld8)(tl);
+    *y = ROWS(ld8)(yl);
+}
+
+/* The 8-lane loops of the normalizing passes from i on, with `nt` a constant in
+ * each call, so that the loop is compiled once with streaming stores and once
+ * without; they return where the scalar tail starts. */
+static inline __attribute__((always_inline)) idx_t ROWS(train_steps)(const float *in, float *x, float *xn, float *y,
+                                                                    idx_t i, idx_t n, float mh, float ml, float inv,
+                                                                    float gamma, float beta, const int nt)
 {
     const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
     const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
     const rv8f vg = {gamma, gamma, gamma, gamma, gamma, gamma, gamma, gamma};
     const rv8f vb = {beta, beta, beta, beta, beta, beta, beta, beta};
+    for (; i + 8 <= n; i += 8) {
+        rv8f v = ROWS(ld8)(in + i);
+        rv8f t = ((v - vh) - vl) * vi, u = t * vg + vb;
+        if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + i, &mh, &ml, &inv, &gamma, &beta, 0, &t, &u);
+        if (x) ROWS(out8)(x + i, v, nt);
+        if (xn) ROWS(out8)(xn + i, t, nt);
+        if (y) ROWS(out8)(y + i, u, nt);
+    }
+    return i;
+}
+
+static inline __attribute__((always_inline)) idx_t ROWS(infer_steps)(const float *in, float *y, idx_t i, idx_t n,
+                                                                    float mh, float ml, float inv, float gamma,
+                                                                    float beta, const int nt)
+{
+    const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
+    const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
+    const rv8f vg = {gamma, gamma, gamma, gamma, gamma, gamma, gamma, gamma};
+    const rv8f vb = {beta, beta, beta, beta, beta, beta, beta, beta};
+    for (; i + 8 <= n; i += 8) {
+        rv8f t = ((ROWS(ld8)(in + i) - vh) - vl) * vi, u = t * vg + vb;
+        if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + i, &mh, &ml, &inv, &gamma, &beta, 0, &t, &u);
+        ROWS(out8)(y + i, u, nt);
+    }
+    return i;
+}
+
+static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
+                                float inv, float gamma, float beta, int stream)
+{
     int nt = ROWS(stream_ok)(stream, x, xn, y);
     idx_t i = 0;
     if (nt)
         for (; i < n && !ROWS(aligned32)(x ? x + i : NULL, xn ? xn + i : NULL, y ? y + i : NULL); i++)
             ROWS(forward_train1)(in, x, xn, y, i, mh, ml, inv, gamma, beta);
-    for (; i + 8 <= n; i += 8) {
-        rv8f v = ROWS(ld8)(in + i);
-        rv8f t = ((v - vh) - vl) * vi;
-        if (x) ROWS(out8)(x + i, v, nt);
-        if (xn) ROWS(out8)(xn + i, t, nt);
-        if (y) ROWS(out8)(y + i, t * vg + vb, nt);
-    }
+    i = nt ? ROWS(train_steps)(in, x, xn, y, i, n, mh, ml, inv, gamma, beta, 1)
+           : ROWS(train_steps)(in, x, xn, y, i, n, mh, ml, inv, gamma, beta, 0);
     for (; i < n; i++) ROWS(forward_train1)(in, x, xn, y, i, mh, ml, inv, gamma, beta);
     ROWS(stream_end)(nt);
 }
@@ -258,17 +347,15 @@ static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, 
 static void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
                                 float beta, int stream)
 {
-    const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
-    const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
-    const rv8f vg = {gamma, gamma, gamma, gamma, gamma, gamma, gamma, gamma};
-    const rv8f vb = {beta, beta, beta, beta, beta, beta, beta, beta};
     int nt = ROWS(stream_ok)(stream, y, NULL, NULL);
     idx_t i = 0;
+    float unused;
     if (nt)
         for (; i < n && !ROWS(aligned32)(y + i, NULL, NULL); i++)
-            y[i] = (((in[i] - mh) - ml) * inv) * gamma + beta;
-    for (; i + 8 <= n; i += 8) ROWS(out8)(y + i, (((ROWS(ld8)(in + i) - vh) - vl) * vi) * vg + vb, nt);
-    for (; i < n; i++) y[i] = (((in[i] - mh) - ml) * inv) * gamma + beta;
+            ROWS(norm1)(in[i], mh, ml, inv, gamma, beta, &unused, &y[i]);
+    i = nt ? ROWS(infer_steps)(in, y, i, n, mh, ml, inv, gamma, beta, 1)
+           : ROWS(infer_steps)(in, y, i, n, mh, ml, inv, gamma, beta, 0);
+    for (; i < n; i++) ROWS(norm1)(in[i], mh, ml, inv, gamma, beta, &unused, &y[i]);
     ROWS(stream_end)(nt);
 }
 
@@ -339,15 +426,18 @@ static void ROWS(v_forward_train)(const float *in, float *x, float *xn, float *y
     for (; j + 8 <= n; j += 8) {
         rv8f v = ROWS(ld8)(in + j);
         rv8f t = ((v - ROWS(ld8)(mh + j)) - ROWS(ld8)(ml + j)) * ROWS(ld8)(inv + j);
+        rv8f u = t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j);
+        if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + j, mh + j, ml + j, inv + j, g + j, b + j, 1, &t, &u);
         if (x) ROWS(st8)(x + j, v);
         if (xn) ROWS(st8)(xn + j, t);
-        ROWS(st8)(y + j, t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j));
+        ROWS(st8)(y + j, u);
     }
     for (; j < n; j++) {
-        float v = in[j], t = ((v - mh[j]) - ml[j]) * inv[j];
+        float v = in[j], t, u;
+        ROWS(norm1)(v, mh[j], ml[j], inv[j], g[j], b[j], &t, &u);
         if (x) x[j] = v;
         if (xn) xn[j] = t;
-        y[j] = t * g[j] + b[j];
+        y[j] = u;
     }
 }
 
@@ -357,9 +447,11 @@ static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const floa
     idx_t j = 0;
     for (; j + 8 <= n; j += 8) {
         rv8f t = ((ROWS(ld8)(in + j) - ROWS(ld8)(mh + j)) - ROWS(ld8)(ml + j)) * ROWS(ld8)(inv + j);
-        ROWS(st8)(y + j, t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j));
+        rv8f u = t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j);
+        if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + j, mh + j, ml + j, inv + j, g + j, b + j, 1, &t, &u);
+        ROWS(st8)(y + j, u);
     }
-    for (; j < n; j++) y[j] = (((in[j] - mh[j]) - ml[j]) * inv[j]) * g[j] + b[j];
+    for (float unused; j < n; j++) ROWS(norm1)(in[j], mh[j], ml[j], inv[j], g[j], b[j], &unused, &y[j]);
 }
 
 static void ROWS(v_sums_dev)(const float *d, const float *x, const double *k, idx_t n, double *s, double *sd)

@@ -567,3 +567,83 @@ def test_normalize_delta_kernel_cancellation_meets_spec_tolerance(impl_name):
     # The exact value for these float32 inputs is the rounding of mean_delta, divided by m.
     assert_close(dn, oracle.normalize_delta_cpu(x, mean, var, md, vd, b, f, s, d),
                  what=f"normalize_delta_cpu (mean_delta {md}, variance {var})")
+
+
+# --------------------------------------------------------------------------- deviations beyond float32
+
+def far_apart(rng, shape):
+    """Finite float32 inputs whose deviation from the channel mean overflows float32: most values of a
+    channel at about +3e38 (sign alternating by channel), one in eight at the opposite end, so the mean
+    sits near the bulk and x - mean reaches about 4.5e38 > FLT_MAX, while x_norm is a few units."""
+    b, c, h, w = shape
+    sign = np.where(np.arange(c) % 2 == 0, 1.0, -1.0)[None, :, None, None]
+    bulk = 3e38 * (1 - 0.05 * rng.uniform(0, 1, shape))
+    far = rng.uniform(0, 1, shape) < 0.125
+    far.reshape(b, c, -1)[0, :, 0] = True  # at least one per channel
+    x = f32(sign * np.where(far, -bulk, bulk))
+    dev = per_channel(x, c) - per_channel(x, c).mean(axis=1, keepdims=True)
+    assert np.all(np.isfinite(x)) and np.abs(dev).max() > FLT_MAX, "the data must overflow x - mean"
+    return x
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 8), (16, 12, 1, 1), (3, 2, 5, 3)], ids=["rows", "fc", "tails"])
+def test_deviation_beyond_float32_layer(rng, numerics, shape):
+    """x - mean beyond FLT_MAX (finite inputs): x_norm, output, the input delta and inference match the
+    float64 oracle (the float pass recomputes such lanes in double) instead of giving -inf; on the
+    vector rows, the channel tiles of spatial == 1 and the scalar tails (both instruction-set paths:
+    test_deviation_beyond_float32_paths_agree)."""
+    x = far_apart(rng, shape)
+    c = shape[1]
+    layer, st = make_pair(shape, numerics, scales=np.linspace(0.5, 2, c), biases=np.linspace(-1, 1, c))
+    layer.forward(x)
+    st.forward(x)
+    assert np.all(np.isfinite(layer.x_norm)) and np.all(np.isfinite(layer.output))
+    assert_close(layer.x_norm, st.x_norm, what="x_norm")
+    assert_close(layer.output, st.output, what="output")
+    d = f32(rng.standard_normal(shape))
+    layer.backward(d)
+    st.backward(d)
+    assert_close(layer.delta, st.delta, what="delta")
+    # inference with running statistics far from the data: x - rolling_mean overflows too
+    layer.rolling_mean = f32(np.full(c, -2e38) * np.where(np.arange(c) % 2 == 0, 1, -1))
+    layer.rolling_variance = f32(np.full(c, 3e38))
+    st.rolling_mean = layer.rolling_mean.astype(np.float64)
+    st.rolling_variance = layer.rolling_variance.astype(np.float64)
+    layer.forward(x, train=False)
+    st.forward(x, train=False)
+    assert np.all(np.isfinite(layer.output))
+    assert_close(layer.output, st.output, what="inference output")
+
+
+def test_deviation_beyond_float32_paths_agree():
+    """The portable and AVX2 paths recompute the same lanes the same way: bit-identical results."""
+    from _reliability import run_python
+    code = (
+        "import numpy as np, darknet_bn, test_stress\n"
+        "x = test_stress.far_apart(np.random.default_rng(5), (2, 3, 4, 8))\n"
+        "l = darknet_bn.BatchNormLayer(2, 8, 4, 3)\n"
+        "l.forward(x); l.backward(np.ones_like(x))\n"
+        "print(darknet_bn.info()['simd'], l.output.tobytes().hex()[:4000], l.x_norm.tobytes().hex()[:4000],"
+        " l.delta.tobytes().hex()[:4000])\n")
+    out = {}
+    for simd in (None, "generic"):
+        p = run_python(code, DARKNET_BN_SIMD=simd)
+        assert p.returncode == 0, p.stderr
+        path, *values = p.stdout.split()
+        out[path] = values
+    assert "generic" in out
+    assert len(set(map(tuple, out.values()))) == 1, "paths differ"
+
+
+@pytest.mark.parametrize("impl_name", list(IMPLS))
+def test_normalize_cpu_deviation_beyond_float32(rng, impl_name):
+    """normalize_cpu with a mean far from the values: (x - mean) beyond FLT_MAX, the result finite."""
+    impl = IMPLS[impl_name]
+    b, f, s = 2, 3, 21
+    x = f32(np.where(rng.uniform(0, 1, (b, f, s)) < 0.5, -3e38, 3e38))
+    mean = f32([2e38, -2e38, 1e38])
+    var = f32([3e38, 1e38, 2e38])
+    got = impl.normalize_cpu(x.copy(), mean, var, b, f, s)
+    assert np.all(np.isfinite(got))
+    assert_close(got, oracle.normalize_cpu(x, mean, var, b, f, s), what="normalize_cpu")
