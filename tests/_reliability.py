@@ -18,18 +18,20 @@ from conftest import f32
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Shapes (batch, c, h, w) that reach each work split of the C layer and kernels
-# at the thread count given with them (threads.c: at least 65,536 element
+# at the thread count given with them (threads.c: at least 2^17 element
 # operations per thread; channels.c / batchnorm_layer.c: how work is cut).
+# tests/c/test_darknet_bn.c (test_paths_run_what_they_name) checks that these
+# very shapes take the split named here; keep the two in step.
 #   "channels": threads own whole channels, a few per work unit (large h*w);
 #   "groups":   many channels share a work unit, visited image by image (small h*w);
 #   "split":    fewer channels than threads, so a channel is cut into parts whose
 #               moments are merged;
 #   "fc":       spatial == 1, tiles of channels vectorized across channels.
 PATHS = {
-    "channels": ((2, 8, 96, 96), 2),
-    "groups": ((4, 64, 24, 24), 2),
-    "split": ((2, 2, 224, 224), 3),
-    "fc": ((4096, 40, 1, 1), 2),
+    "channels": ((2, 8, 128, 128), 2),
+    "groups": ((8, 64, 24, 24), 2),
+    "split": ((2, 2, 320, 320), 3),
+    "fc": ((8192, 40, 1, 1), 2),
 }
 
 

@@ -38,6 +38,7 @@
 #include <unistd.h>
 
 #include "darknet_bn.h"
+#include "internal.h" /* the work split, for test_paths_run_what_they_name */
 
 #define RTOL 1e-5
 #define ATOL 1e-5
@@ -1405,6 +1406,29 @@ static void test_layer_edges(void)
     dnbn_free_batchnorm_layer(made);
 }
 
+/* The shapes tests/_reliability.py PATHS gives each work split really take it at their thread count:
+ * "channels" (whole channels, a few per unit, several threads), "groups" (many channels per unit),
+ * "split" (fewer channels than threads: parts > 1), "fc" (spatial == 1 tiles on several threads).
+ * Keep the two lists in step. */
+static void test_paths_run_what_they_name(void)
+{
+    g_test = __func__;
+    const char *tn = "work split of the PATHS shapes";
+    int saved = dnbn_get_num_threads();
+    dnbn_set_num_threads(2);
+    dnbn_part ch = dnbn_partition(2, 8, 128 * 128);
+    check_true(tn, "channels: 2 threads, whole channels, 2..8 per unit",
+               ch.threads == 2 && ch.parts == 1 && ch.group >= 2 && ch.group < 8);
+    dnbn_part gr = dnbn_partition(8, 64, 24 * 24);
+    check_true(tn, "groups: 2 threads, >= 8 channels per unit", gr.threads == 2 && gr.parts == 1 && gr.group >= 8);
+    dnbn_tiles fc = dnbn_tile_partition(8192, 40);
+    check_true(tn, "fc: 2 threads over tiles", fc.threads == 2 && fc.tile < 40);
+    dnbn_set_num_threads(3);
+    dnbn_part sp = dnbn_partition(2, 2, 320 * 320);
+    check_true(tn, "split: 3 threads, channels cut in parts", sp.threads == 3 && sp.parts > 1);
+    dnbn_set_num_threads(saved);
+}
+
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
 static void test_threads_setting(void)
 {
@@ -1970,6 +1994,7 @@ int main(void)
     test_backward_state();
     test_make_errors();
     test_layer_edges();
+    test_paths_run_what_they_name();
     test_set_numerics();
     test_input_is_output();
     test_backward_from();
