@@ -57,24 +57,54 @@ Memory formats: a contiguous input is used in place. Any other input
 contiguous tensor; a ``channels_last`` input gets a ``channels_last`` output,
 like PyTorch's. A non-contiguous gradient is copied to a contiguous one.
 
-Under ``torch.compile`` the layer is a graph break (``torch.compiler.disable``):
-it runs eagerly with the C kernels, the rest of the model is compiled.
+Higher-order gradients. A backward that builds a graph of the gradient
+(``torch.autograd.grad(..., create_graph=True)``, ``backward(create_graph=True)``:
+grad mode is on inside backward) is computed by PyTorch's
+``native_batch_norm_backward`` (the op PyTorch's own batch norm differentiates
+with) from the statistics the C forward used, so the gradient of the gradient
+(double backward, Hessian-vector products, gradient penalties) is PyTorch's.
+An ordinary backward (grad mode off inside it) stays in the C layer.
 
-Not supported: double backward (``create_graph=True`` through the layer raises
-``RuntimeError``); use ``torch.nn.BatchNorm2d`` for that.
+Tools that take a model apart:
+
+* ``copy.deepcopy``, pickling and ``torch.save``/``torch.load`` (whole module
+  with ``weights_only=False``, or its ``state_dict``): the module holds only
+  PyTorch's own parameters, buffers and hyperparameters; the C layer's struct
+  is built per call on the call's tensors and never stored in the module, so
+  a copy shares nothing with its original.
+* ``torch.jit.script``: the scripted ``forward`` is PyTorch's
+  (``torch.nn.functional.batch_norm``, same results; the C layer cannot run
+  in TorchScript). ``torch.jit.trace`` records PyTorch's batch norm too.
+* ``torch.compile``: :func:`batch_norm` is a graph break
+  (``torch.compiler.disable``): it runs eagerly with the C kernels, the rest of
+  the model is compiled (so ``fullgraph=True`` cannot be used).
+* ``torch.fx.symbolic_trace``: the modules are leaves, as ``torch.nn``'s are
+  (a ``call_module`` node; the traced ``GraphModule`` runs the C layer).
+  Tracing a batch norm as the root module fails, as for ``torch.nn``'s.
+* ``torch.ao.quantization.fuse_modules`` / ``fuse_modules_qat``: importing this
+  module registers fuser methods for every PyTorch pattern with a
+  ``BatchNorm1d``/``BatchNorm2d`` (conv-bn, conv-bn-relu, linear-bn,
+  convtranspose-bn, bn-relu) with darknet_bn's classes in its place; they hand
+  PyTorch's fuser a ``torch.nn`` batch norm sharing the module's parameters
+  and buffers, so the fused modules are PyTorch's (the same mapping is
+  :data:`FUSER_METHOD_MAPPING`, for ``additional_fuser_method_mapping``).
+  ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and ``fuse_linear_bn_eval``
+  take the modules directly. FX graph-mode fusion (``fuse_fx``) matches
+  ``torch.nn``'s exact classes and leaves darknet_bn's modules unfused.
 
 Importing this module needs PyTorch; ``import darknet_bn`` never imports it.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 try:
     import torch
+    import torch.fx
     import torch.nn.functional as F
     from torch.autograd import forward_ad as _forward_ad
-    from torch.autograd.function import once_differentiable
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "darknet_bn.torch needs PyTorch, which is not installed: "
@@ -85,11 +115,12 @@ import numpy as np
 
 from ._lib import check, ffi, lib
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm", "convert_model"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "FUSER_METHOD_MAPPING", "batch_norm", "convert_model"]
 
 _INT_MAX = 2**31 - 1
 _SCRATCH = int(lib.DNBN_SCRATCH_DOUBLES)
-_SC_INV = int(lib.DNBN_SCRATCH_INV)  # scratch row: [mean, normalizer, backward's] (csrc/darknet_bn.h)
+_SC_MEAN = int(lib.DNBN_SCRATCH_MEAN)  # scratch row: [mean, normalizer, backward's] (csrc/darknet_bn.h)
+_SC_INV = int(lib.DNBN_SCRATCH_INV)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _is_functional = getattr(torch, "_is_functional_tensor", None)
@@ -196,7 +227,8 @@ class _BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x) by the C layer; backward by the C layer (training) or torch ops (eval).
 
     ``x`` is contiguous float32 on the CPU; the other tensors passed the checks
-    of :func:`_servable`.
+    of :func:`_servable`. A backward run with grad mode on (``create_graph=True``)
+    goes to :func:`_graph_backward`, whose result is differentiable again.
     """
 
     @staticmethod
@@ -218,6 +250,7 @@ class _BatchNormFunction(torch.autograd.Function):
         check(lib.dnbn_forward_batchnorm_layer(layer, net[0]), "darknet_bn.torch batch_norm forward")
 
         ctx.training = bool(training)
+        ctx.eps = float(eps)
         ctx.save_for_backward(x, weight)
         if training:
             # Backward reads x, scales and the scratch (batch mean and normalizer)
@@ -226,24 +259,52 @@ class _BatchNormFunction(torch.autograd.Function):
         else:
             # The statistics this forward used, as PyTorch keeps them for its backward.
             ctx.mean = rolling_mean.clone()
+            ctx.var = rolling_var.clone()
             ctx.invstd = torch.rsqrt(rolling_var.double() + float(eps)).float()
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
         if not (need_x or need_w or need_b):
             return (None,) * 8
-        dy = dy.contiguous()
-        if ctx.training:
-            dx, dw, db = _train_backward(ctx, x, weight, dy, need_x)
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must itself be differentiable.
+            dx, dw, db = _graph_backward(ctx, x, weight, dy, need_x, need_w, need_b)
+        elif ctx.training:
+            dx, dw, db = _train_backward(ctx, x, weight, dy.contiguous(), need_x)
         else:
-            dx, dw, db = _eval_backward(ctx, x, weight, dy, need_x, need_w, need_b)
+            dx, dw, db = _eval_backward(ctx, x, weight, dy.contiguous(), need_x, need_w, need_b)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None,
                 None, None, None, None, None)
+
+
+def _graph_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, need_x: bool,
+                    need_w: bool, need_b: bool) -> Tuple[Optional[torch.Tensor], ...]:
+    """The backward as a differentiable PyTorch op, for ``create_graph=True``: (dx, dweight, dbias).
+
+    ``aten::native_batch_norm_backward`` is the op PyTorch's own batch norm
+    differentiates with; its derivative (``batchnorm_double_backward``) treats
+    the batch statistics as functions of ``x`` in training. It gets the
+    statistics the C forward normalized with: the batch mean and
+    1/sqrt(biased variance + eps) from the layer's scratch (training), or
+    copies of the running statistics (eval). ``x`` and ``weight`` come from
+    ``ctx.saved_tensors``, so the result is connected to them in the graph.
+    """
+    if ctx.training:
+        c = x.shape[1]
+        sc = ctx.keep[2].view(c, _SCRATCH)
+        save_mean, save_invstd = sc[:, _SC_MEAN].float(), sc[:, _SC_INV].float()
+        running_mean = running_var = None
+    else:
+        save_mean = save_invstd = None
+        running_mean, running_var = ctx.mean, ctx.var
+    dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight, running_mean, running_var, save_mean, save_invstd, ctx.training, ctx.eps,
+        [need_x, need_w, need_b])
+    return dx, dw, db
 
 
 def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
@@ -312,32 +373,60 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
+def _fx_leaf(module: torch.nn.Module, input: torch.fx.Proxy) -> Optional[torch.fx.Proxy]:
+    """Under ``torch.fx`` symbolic tracing, the ``call_module`` node a leaf module gets, or None for the root.
+
+    ``torch.fx.Tracer.is_leaf_module`` makes only modules defined in
+    ``torch.nn`` leaves; for darknet_bn's the tracer calls ``forward`` with a
+    ``Proxy``, and this emits what the tracer emits for a leaf, so the traced
+    graph calls the module itself (and runs the C layer). The root module has
+    no call site to record: it is traced like ``torch.nn``'s (which fails).
+    """
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        return None
+    return tracer.create_proxy("call_module", path, (input,), {})
+
+
 class _DarknetBatchNorm:
-    """The forward of ``torch.nn.modules.batchnorm._BatchNorm``, with :func:`batch_norm` in place of PyTorch's."""
+    """The forward of ``torch.nn.modules.batchnorm._BatchNorm``, with :func:`batch_norm` in place of PyTorch's.
+
+    TorchScript compiles only the branches of ``torch.jit.is_scripting()`` it
+    takes: the scripted forward is ``torch.nn.BatchNorm*d``'s, with
+    ``torch.nn.functional.batch_norm``.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):
+                leaf = _fx_leaf(self, input)  # type: ignore[arg-type]
+                if leaf is not None:
+                    return leaf
         self._check_input_dim(input)  # type: ignore[attr-defined]
-        momentum = self.momentum  # type: ignore[attr-defined]
-        factor = 0.0 if momentum is None else momentum
+        if self.momentum is None:  # type: ignore[attr-defined]
+            factor = 0.0
+        else:
+            factor = self.momentum  # type: ignore[attr-defined]
         if self.training and self.track_running_stats:  # type: ignore[attr-defined]
             if self.num_batches_tracked is not None:  # type: ignore[attr-defined]
                 self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
-                factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum  # type: ignore
+                if self.momentum is None:  # type: ignore[attr-defined]
+                    factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
+                else:
+                    factor = self.momentum  # type: ignore[attr-defined]
         if self.training:
             bn_training = True
         else:
             bn_training = self.running_mean is None and self.running_var is None  # type: ignore[attr-defined]
         use_buffers = not self.training or self.track_running_stats  # type: ignore[attr-defined]
-        return batch_norm(
-            input,
-            self.running_mean if use_buffers else None,  # type: ignore[attr-defined]
-            self.running_var if use_buffers else None,  # type: ignore[attr-defined]
-            self.weight,  # type: ignore[attr-defined]
-            self.bias,  # type: ignore[attr-defined]
-            bn_training,
-            factor,
-            self.eps,  # type: ignore[attr-defined]
-        )
+        running_mean = self.running_mean if use_buffers else None  # type: ignore[attr-defined]
+        running_var = self.running_var if use_buffers else None  # type: ignore[attr-defined]
+        if torch.jit.is_scripting():
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,  # type: ignore
+                                bn_training, factor, self.eps)  # type: ignore[attr-defined]
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias,  # type: ignore[attr-defined]
+                          bn_training, factor, self.eps)  # type: ignore[attr-defined]
 
 
 class BatchNorm1d(_DarknetBatchNorm, torch.nn.BatchNorm1d):
@@ -359,9 +448,9 @@ class BatchNorm2d(_DarknetBatchNorm, torch.nn.BatchNorm2d):
 _REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d}
 
 
-def _convert_one(bn: torch.nn.Module) -> torch.nn.Module:
-    new = _REPLACEMENTS[type(bn)](bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                                  device="meta")
+def _rebuild(bn: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A ``cls`` batch norm holding ``bn``'s very Parameter and buffer objects, hyperparameters and mode."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
     # The very same Parameter and buffer tensors: optimizers built before the
     # conversion keep working, and nothing is copied.
     new.weight, new.bias = bn.weight, bn.bias
@@ -372,6 +461,11 @@ def _convert_one(bn: torch.nn.Module) -> torch.nn.Module:
         if hasattr(bn, name):
             setattr(new, name, getattr(bn, name))
     return new
+
+
+def _convert_one(bn: torch.nn.Module) -> torch.nn.Module:
+    """darknet_bn's module in place of a ``torch.nn.BatchNorm1d``/``2d``, sharing its tensors."""
+    return _rebuild(bn, _REPLACEMENTS[type(bn)])
 
 
 def convert_model(module: torch.nn.Module) -> torch.nn.Module:
@@ -393,3 +487,76 @@ def convert_model(module: torch.nn.Module) -> torch.nn.Module:
         if new is not child:
             setattr(module, name, new)
     return module
+
+
+def _to_torch(module: torch.nn.Module) -> torch.nn.Module:
+    """A ``torch.nn.BatchNorm1d``/``2d`` holding the same Parameter and buffer tensors as a darknet_bn module.
+
+    (Any other module is returned as it is.) The inverse of :func:`_convert_one`,
+    for PyTorch's fusers, which check for ``torch.nn``'s exact classes.
+    """
+    for stock, mine in _REPLACEMENTS.items():
+        if type(module) is mine:
+            return _rebuild(module, stock)
+    return module
+
+
+def _via_torch(fuser: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    """A fuser method that gives ``fuser`` (PyTorch's) ``torch.nn`` batch norms in place of darknet_bn's."""
+
+    def fuser_method(is_qat: bool, *modules: torch.nn.Module) -> torch.nn.Module:
+        return fuser(is_qat, *(_to_torch(m) for m in modules))
+
+    fuser_method.__name__ = fuser_method.__qualname__ = f"darknet_bn_{getattr(fuser, '__name__', 'fuser')}"
+    fuser_method.__doc__ = f"{getattr(fuser, '__name__', 'fuser')} with darknet_bn's batch norms (darknet_bn.torch)."
+    return fuser_method
+
+
+def _fuser_method_mapping() -> Dict[Tuple[type, ...], Callable[..., torch.nn.Module]]:
+    """PyTorch's eager-mode fuser patterns containing a BatchNorm1d/2d, with darknet_bn's class in its place.
+
+    Every combination (several batch norms in one pattern are each either
+    class) other than the all-``torch.nn`` one; empty where PyTorch has no
+    such table.
+    """
+    try:
+        from torch.ao.quantization import fuser_method_mappings as fmm
+        default = dict(fmm._DEFAULT_OP_LIST_TO_FUSER_METHOD)
+    except (ImportError, AttributeError):  # pragma: no cover - other PyTorch versions
+        return {}
+    mapping: Dict[Tuple[type, ...], Callable[..., torch.nn.Module]] = {}
+    for ops, fuser in default.items():
+        if not isinstance(ops, tuple) or not callable(fuser) or not any(op in _REPLACEMENTS for op in ops):
+            continue
+        choices = [(op, _REPLACEMENTS[op]) if op in _REPLACEMENTS else (op,) for op in ops]
+        for combo in itertools.product(*choices):
+            if combo != ops:
+                mapping[combo] = _via_torch(fuser)
+    return mapping
+
+
+FUSER_METHOD_MAPPING: Dict[Tuple[type, ...], Callable[..., torch.nn.Module]] = _fuser_method_mapping()
+"""Fuser methods for ``torch.ao.quantization.fuse_modules`` with darknet_bn's modules.
+
+Keys are PyTorch's patterns (``(torch.nn.Conv2d, BatchNorm2d, torch.nn.ReLU)``,
+...) with :class:`BatchNorm1d`/:class:`BatchNorm2d`; each method converts the
+batch norm to a ``torch.nn`` one sharing its tensors and calls PyTorch's
+fuser. Importing this module adds them to PyTorch's default table (only these
+keys; ``torch.nn``'s own are untouched), so ``fuse_modules(model, ...)`` works
+on converted models without arguments; the dict is also accepted as
+``fuse_custom_config_dict={"additional_fuser_method_mapping": FUSER_METHOD_MAPPING}``.
+"""
+
+
+def _register_fuser_methods() -> None:
+    """Add :data:`FUSER_METHOD_MAPPING` to PyTorch's default eager fuser table (existing keys are kept)."""
+    try:
+        from torch.ao.quantization import fuser_method_mappings as fmm
+        table = fmm._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    except (ImportError, AttributeError):  # pragma: no cover - other PyTorch versions
+        return
+    for ops, method in FUSER_METHOD_MAPPING.items():
+        table.setdefault(ops, method)
+
+
+_register_fuser_methods()
