@@ -134,6 +134,7 @@ int dnbn_batchnorm_layer_set_numerics(dnbn_layer *l, int numerics, float eps, fl
     l->momentum = momentum;
     l->state = STATE_NONE;
     l->trained = 0;
+    l->x_norm_current = 0;
     reset_running(l);
     return DNBN_OK;
 }
@@ -141,6 +142,14 @@ int dnbn_batchnorm_layer_set_numerics(dnbn_layer *l, int numerics, float eps, fl
 int dnbn_batchnorm_layer_state(const dnbn_layer *l) { return l ? l->state : STATE_NONE; }
 
 /* ---- forward ---- */
+
+/* What a training forward leaves in the layer's state fields. */
+static void record_training(dnbn_layer *l)
+{
+    l->state = STATE_TRAINING;
+    l->trained = 1;
+    l->x_norm_current = l->keep_x_norm != 0;
+}
 
 typedef struct pass {
     dnbn_layer *l;
@@ -315,8 +324,10 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
     if (spatial == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
-        l->state = net.train ? STATE_TRAINING : STATE_INFERENCE;
-        l->trained |= net.train != 0;
+        if (net.train)
+            record_training(l);
+        else
+            l->state = STATE_INFERENCE;
         return DNBN_OK;
     }
     if (!net.train) {
@@ -334,8 +345,7 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
         dnbn_reduce_channels(&pt, &r);
         dnbn_map_units(&pt, train_map_unit, &p);
     }
-    l->state = STATE_TRAINING;
-    l->trained = 1;
+    record_training(l);
     return DNBN_OK;
 }
 
@@ -366,6 +376,7 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, NULL, 2);
     dnbn_map_units(&pt, fill_unit, &p);
+    l->x_norm_current = 1;
     return DNBN_OK;
 }
 
@@ -557,8 +568,7 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
     } else {
         dnbn_map_units(&pt, train_map_unit, &p);
     }
-    l->state = STATE_TRAINING;
-    l->trained = 1;
+    record_training(l);
     return DNBN_OK;
 }
 

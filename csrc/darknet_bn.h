@@ -191,6 +191,9 @@ typedef struct dnbn_layer {
                                zero: it does not (one stream less), see dnbn_batchnorm_layer_fill_x_norm */
     int state;              /* internal: what the last forward was (see dnbn_batchnorm_layer_state) */
     int trained;            /* internal: a training forward has run since make or set_numerics */
+    int x_norm_current;     /* nonzero when x_norm holds the last training forward's normalized input:
+                               set by a training forward with keep_x_norm and by
+                               dnbn_batchnorm_layer_fill_x_norm, cleared by one without */
     double *scratch;        /* internal: per-channel double work space */
     void *memory;           /* internal: the one allocation every buffer above is carved from */
 } dnbn_layer;

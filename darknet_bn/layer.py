@@ -2,12 +2,26 @@
 
 Every call validates its arguments first (raising before anything is
 written), then calls the C library, then checks its status.
+
+Interruptions. An exception may arrive between any two Python steps of a
+method, and right after a C call returns (KeyboardInterrupt, an exception
+raised by a signal handler, MemoryError). So the layer keeps no Python mirror
+of what the C layer did: every buffer is the C memory itself, and the one piece
+of bookkeeping, whether ``x_norm`` still has to be computed from ``x``, is read
+from the C layer's own fields (see ``_x_norm_stale``). Each Python step writes
+one of those fields, in an order where every intermediate state means the same
+thing, so no interruption point can tear the buffers apart.
+
+Copies. ``copy.copy``, ``copy.deepcopy`` and ``pickle`` all give an
+independent layer carrying the whole C state (see ``BatchNormLayer.__copy__``
+and ``_layer_state``).
 """
 from __future__ import annotations
 
+import copy as _copy
 import errno
 import weakref
-from typing import Any, BinaryIO, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -21,11 +35,32 @@ _NUMERICS = {"darknet": 0, "standard": 1}
 _DEFAULT_MOMENTUM = {"darknet": 0.01, "standard": 0.1}
 _DARKNET_EPS = 1e-5
 _STATE_TRAINING = 2
+_LAST_FORWARD = ("none", "inference", "training")  # dnbn_batchnorm_layer_state: 0, 1, 2
+
+# x_norm bookkeeping lives in the C layer's own fields (csrc/darknet_bn.h), set
+# by the C calls themselves, so no interruption between a call and Python code
+# can tear it: `keep_x_norm` (whether a training forward writes x_norm),
+# `trained` and `x_norm_current` (a training forward sets it to keep_x_norm,
+# dnbn_batchnorm_layer_fill_x_norm to 1). x_norm is stale exactly when
+# trained and not x_norm_current.
+
+_STATE_VERSION = 1  # of the pickled state dict, see BatchNormLayer._layer_state
 
 _ACTIVATIONS = ("output", "delta", "x", "x_norm")
 _CHANNELS = (
     "scales", "biases", "scale_updates", "bias_updates", "mean", "variance",
     "rolling_mean", "rolling_variance", "mean_delta", "variance_delta",
+)
+_BUFFERS = _ACTIVATIONS + _CHANNELS
+
+# What BatchNormLayer._setup puts in an instance's __dict__ (tests/test_layer_copy.py checks
+# the list); anything else is a subclass's and is copied or pickled as such.
+_OWN_ATTRIBUTES = frozenset(
+    ("_layer", "_numerics", "_eps", "_momentum", "_shapes", "_count", "_trainable", "_net", "_views", "_x_norm_refs")
+)
+_STATE_KEYS = frozenset(
+    ("version", "batch", "w", "h", "c", "numerics", "eps", "momentum", "last_forward", "trained", "buffers",
+     "forward_mean", "forward_normalizer")
 )
 
 
@@ -80,6 +115,19 @@ class BatchNormLayer:
     ``variance_delta`` of shape (c,)) are writable float32 views of the C
     layer's memory. Assigning to one copies values in.
 
+    Copies: ``copy.copy(layer)``, ``copy.deepcopy(layer)`` and
+    ``pickle.loads(pickle.dumps(layer))`` (every protocol) each give an
+    independent layer: its own C memory holding the same sizes, numerics, eps,
+    momentum, every buffer and the C layer's state (what the last forward was,
+    and the batch statistics in double that backward and ``x_norm`` read), so
+    ``backward``, ``update``, ``forward`` and ``x_norm`` on the copy give, bit
+    for bit, what they give on the original. ``copy.copy`` is deliberately not
+    a shallow copy sharing the C memory: a forward on such a copy would change
+    the original. The two differ only in other instance attributes (a
+    subclass's): ``copy.copy`` shares them, ``copy.deepcopy`` copies them.
+    Views taken from the original keep pointing into the original. The pickle
+    holds a small versioned dict of NumPy arrays and plain values.
+
     Raises:
         ArgumentTypeError: a size is not an integer, ``numerics`` not a str.
         ArgumentError: a size < 1 or too large, unknown numerics, eps or momentum out of range.
@@ -96,6 +144,10 @@ class BatchNormLayer:
         eps: float = 1e-5,
         momentum: Optional[float] = None,
     ) -> None:
+        self._setup(batch, w, h, c, numerics, eps, momentum)
+
+    def _setup(self, batch: Any, w: Any, h: Any, c: Any, numerics: Any, eps: Any, momentum: Any) -> None:
+        """Validate the arguments and allocate a fresh C layer (``__init__``, copies and unpickling)."""
         batch = _validate.size(batch, "batch")
         w = _validate.size(w, "w")
         h = _validate.size(h, "h")
@@ -135,21 +187,39 @@ class BatchNormLayer:
             self._views[name] = self._view(name, (c,))
         # x_norm is written only when somebody may look at it: forward skips it
         # (one stream of memory less) unless an x_norm array handed out earlier
-        # is still alive; reading the attribute fills it from x first.
+        # is still alive; reading the attribute fills it from x first. Whether
+        # it is due is read from the C layer (_x_norm_stale), never mirrored here.
         self._layer.keep_x_norm = 0
-        self._x_norm_stale = False
         self._x_norm_refs: "list[weakref.ref[_CBuffer]]" = []
 
     def _view(self, name: str, shape: Tuple[int, ...]) -> np.ndarray:
         address = int(ffi.cast("uintptr_t", getattr(self._layer, name)))
         return np.asarray(_CBuffer(self._layer, address, shape))
 
+    def _x_norm_stale(self) -> bool:
+        """Whether a training forward ran without writing x_norm and nobody has filled it since.
+
+        Read from the C layer's own fields, so it always describes what C last
+        did, whatever interrupted the Python code.
+        """
+        layer = self._layer
+        return bool(layer.trained) and not layer.x_norm_current
+
+    def _make_x_norm_current(self) -> None:
+        """Fill x_norm from x if it is stale (the fill marks it current in the same C call)."""
+        if self._x_norm_stale():
+            check(lib.dnbn_batchnorm_layer_fill_x_norm(self._layer), "x_norm")
+
+    def _set_keep_x_norm(self, keep: bool) -> None:
+        """Switch whether training forwards write x_norm, keeping every intermediate state exact."""
+        if keep:
+            self._make_x_norm_current()  # a forward with it set writes x_norm anyway; this keeps a read exact
+        self._layer.keep_x_norm = int(keep)
+
     def _view_of(self, name: str) -> np.ndarray:
         if name != "x_norm":
             return self._views[name]
-        if self._x_norm_stale:
-            check(lib.dnbn_batchnorm_layer_fill_x_norm(self._layer), "x_norm")
-            self._x_norm_stale = False
+        self._make_x_norm_current()
         # A fresh exporter per access: every array derived from this one (slices,
         # reshapes: NumPy makes the exporter their base) keeps it alive, so the
         # weak reference tells whether any of them may still be read.
@@ -179,6 +249,153 @@ class BatchNormLayer:
             f"numerics={self.numerics!r}, eps={self.eps}, momentum={self.momentum})"
         )
 
+    # ------------------------------------------------------------------ copies
+
+    def _raw(self, name: str) -> np.ndarray:
+        """Buffer ``name`` as it is in C memory: for x_norm a temporary view that neither fills nor watches it."""
+        if name == "x_norm":
+            return self._view("x_norm", self._shapes[0])
+        return self._views[name]
+
+    def _scratch(self) -> np.ndarray:
+        """The C layer's per-channel doubles, (c, DNBN_SCRATCH_DOUBLES) float64; use only while self lives."""
+        width = lib.DNBN_SCRATCH_DOUBLES
+        memory = ffi.buffer(self._layer.scratch, self.c * width * np.dtype(np.float64).itemsize)
+        return np.frombuffer(memory, np.float64).reshape(self.c, width)
+
+    def _extra_attributes(self) -> Dict[str, Any]:
+        """Instance attributes that are not the layer's own (a subclass's)."""
+        return {k: v for k, v in self.__dict__.items() if k not in _OWN_ATTRIBUTES}
+
+    def _clone(self) -> "BatchNormLayer":
+        """A new layer with its own C memory holding this one's whole C state. Writes nothing here."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        BatchNormLayer._setup(new, self.batch, self.w, self.h, self.c, self._numerics, self._eps, self._momentum)
+        stale = self._x_norm_stale()
+        for name in _BUFFERS:
+            if not (name == "x_norm" and stale):  # a stale x_norm is filled from x on the copy, bit for bit
+                np.copyto(new._raw(name), self._raw(name))
+        np.copyto(new._scratch(), self._scratch())  # the batch mean and normalizer backward reads, in double
+        src, dst = self._layer, new._layer
+        dst.state = src.state
+        dst.trained, dst.x_norm_current = src.trained, src.x_norm_current
+        return new
+
+    def __copy__(self) -> "BatchNormLayer":
+        """An independent layer with the same C state (not a shallow copy: see the class docstring).
+
+        Other instance attributes (a subclass's) are shared with the original.
+        """
+        new = self._clone()
+        new.__dict__.update(self._extra_attributes())
+        return new
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "BatchNormLayer":
+        """An independent layer with the same C state; other instance attributes are deep-copied."""
+        new = self._clone()
+        memo[id(self)] = new
+        for key, value in self._extra_attributes().items():
+            new.__dict__[key] = _copy.deepcopy(value, memo)
+        return new
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        """Pickle as ``_restore_layer(cls, self._layer_state())`` plus any other instance attributes."""
+        return (_restore_layer, (type(self), self._layer_state()), self._extra_attributes() or None)
+
+    def _layer_state(self) -> Dict[str, Any]:
+        """The pickled form: a versioned dict of plain values and NumPy arrays (copies). Writes nothing.
+
+        Keys: ``version`` (1); ``batch``, ``w``, ``h``, ``c``, ``numerics``,
+        ``eps``, ``momentum`` (the constructor's arguments); ``last_forward``
+        (``"none"``, ``"inference"`` or ``"training"``: whether backward may
+        run); ``trained`` (whether a training forward ever ran); ``buffers``
+        (every buffer by attribute name, float32 arrays of its shape; ``x_norm``
+        is None when it is still to be computed from ``x``); ``forward_mean``
+        and ``forward_normalizer`` (float64 (c,): the last training forward's
+        batch mean and 1/(sqrt(var) + 1e-6) or 1/sqrt(var + eps), as C keeps
+        them for backward and x_norm).
+        """
+        layer = self._layer
+        stale = self._x_norm_stale()
+        buffers: Dict[str, Optional[np.ndarray]] = {name: np.array(self._raw(name), copy=True) for name in _BUFFERS}
+        if stale:
+            buffers["x_norm"] = None
+        scratch = self._scratch()
+        return {
+            "version": _STATE_VERSION,
+            "batch": self.batch,
+            "w": self.w,
+            "h": self.h,
+            "c": self.c,
+            "numerics": self._numerics,
+            "eps": self._eps,
+            "momentum": self._momentum,
+            "last_forward": _LAST_FORWARD[lib.dnbn_batchnorm_layer_state(layer)],
+            "trained": bool(layer.trained),
+            "buffers": buffers,
+            "forward_mean": scratch[:, lib.DNBN_SCRATCH_MEAN].copy(),
+            "forward_normalizer": scratch[:, lib.DNBN_SCRATCH_INV].copy(),
+        }
+
+    def _load_state(self, state: Any) -> None:
+        """Set up this (new, uninitialized) object from a ``_layer_state`` dict, checking it all first."""
+        where = "pickled BatchNormLayer state"
+        if not isinstance(state, dict):
+            raise ArgumentTypeError(f"{where} must be a dict, got {type(state).__name__}")
+        version = state.get("version")
+        if type(version) is not int or version != _STATE_VERSION:
+            raise ArgumentError(
+                f"{where} has version {version!r}; this darknet_bn reads version {_STATE_VERSION} only"
+            )
+        missing, unknown = _STATE_KEYS - state.keys(), state.keys() - _STATE_KEYS
+        if missing or unknown:
+            problems = ([f"missing keys {sorted(missing)}"] if missing else []) + (
+                [f"unknown keys {sorted(map(str, unknown))}"] if unknown else [])
+            raise ArgumentError(f"{where}: {', '.join(problems)}")
+        try:
+            batch, w, h, c = (_validate.size(state[k], k) for k in ("batch", "w", "h", "c"))
+        except (ArgumentError, ArgumentTypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        last_forward, trained = state["last_forward"], state["trained"]
+        if last_forward not in _LAST_FORWARD:
+            raise ArgumentError(f"{where}: last_forward must be one of {_LAST_FORWARD}, got {last_forward!r}")
+        if not isinstance(trained, bool):
+            raise ArgumentTypeError(f"{where}: trained must be a bool, got {type(trained).__name__}")
+        if last_forward == "training" and not (trained and batch * h * w >= 2):
+            raise ArgumentError(f"{where}: last_forward is 'training' but the layer cannot have trained")
+        buffers = state["buffers"]
+        if not isinstance(buffers, dict) or set(buffers) != set(_BUFFERS):
+            raise ArgumentError(f"{where}: buffers must be a dict of exactly {list(_BUFFERS)}")
+        sizes = f"batch={batch}, c={c}, h={h}, w={w}"
+        for name in _BUFFERS:
+            arr = buffers[name]
+            if arr is None and name == "x_norm" and trained:
+                continue
+            shape = (batch, c, h, w) if name in _ACTIVATIONS else (c,)
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+                raise ArgumentTypeError(f"{where}: buffers[{name!r}] must be a float32 numpy.ndarray")
+            if arr.shape != shape:
+                raise ArgumentError(f"{where}: buffers[{name!r}] has shape {arr.shape}, expected {shape} for {sizes}")
+        for key in ("forward_mean", "forward_normalizer"):
+            arr = state[key]
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.float64 or arr.shape != (c,):
+                raise ArgumentError(f"{where}: {key} must be a float64 numpy.ndarray of shape ({c},) for {sizes}")
+        try:
+            self._setup(batch, w, h, c, state["numerics"], state["eps"], state["momentum"])
+        except (ArgumentError, ArgumentTypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        for name in _BUFFERS:
+            if buffers[name] is not None:
+                np.copyto(self._raw(name), buffers[name])
+        scratch = self._scratch()
+        scratch[:, lib.DNBN_SCRATCH_MEAN] = state["forward_mean"]
+        scratch[:, lib.DNBN_SCRATCH_INV] = state["forward_normalizer"]
+        layer = self._layer
+        layer.state = _LAST_FORWARD.index(last_forward)
+        layer.trained = int(trained)
+        layer.x_norm_current = int(trained and buffers["x_norm"] is not None)
+
     def forward(self, input: np.ndarray, train: bool = True) -> np.ndarray:
         """Normalize ``input`` and return ``output`` (a view, in the input's shape).
 
@@ -201,16 +418,18 @@ class BatchNormLayer:
                 f"got batch={self.batch}, h*w={self.h * self.w}"
             )
         pointer = floats(arr)
-        net = self._net
-        net.input = pointer
-        net.train = train
+        layer = self._layer
         keep = bool(self._x_norm_refs) and self._x_norm_watched()
-        self._layer.keep_x_norm = keep
-        status = lib.dnbn_forward_batchnorm_layer(self._layer, net[0])
+        if keep != bool(layer.keep_x_norm):
+            self._set_keep_x_norm(keep)
+        # Nothing to record after the call: whether x_norm is due is in the C
+        # layer (trained, x_norm_current), set by the call itself.
+        net = self._net
+        net.input = pointer  # written before every call, read by nothing else
+        net.train = train
+        status = lib.dnbn_forward_batchnorm_layer(layer, net[0])
         net.input = ffi.NULL
         check(status, "forward")
-        if train:
-            self._x_norm_stale = not keep
         return self._views["output"].reshape(arr.shape)
 
     def backward(self, delta: np.ndarray) -> np.ndarray:
@@ -327,3 +546,19 @@ class BatchNormLayer:
     )
     mean_delta = _buffer_property("mean_delta", "dLoss/dmean of the last backward, (c,).")
     variance_delta = _buffer_property("variance_delta", "dLoss/dvariance of the last backward, (c,).")
+
+
+def _restore_layer(cls: type, state: Dict[str, Any]) -> BatchNormLayer:
+    """Unpickle a layer: a new ``cls`` (BatchNormLayer or a subclass) from ``BatchNormLayer._layer_state``.
+
+    Raises:
+        ArgumentTypeError, ArgumentError: the state is not one this version
+            wrote (another version, missing or unknown keys, sizes that do not
+            match the arrays, wrong dtypes). Nothing is allocated before the
+            checks pass.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, BatchNormLayer)):
+        raise ArgumentTypeError(f"cls must be BatchNormLayer or a subclass, got {cls!r}")
+    layer = cls.__new__(cls)
+    BatchNormLayer._load_state(layer, state)
+    return layer
