@@ -147,10 +147,10 @@ void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx);
 
 /* ---- threads -------------------------------------------------------------
  * Runs fn(ctx, lo, hi) over [0, n) cut into at most `threads` contiguous
- * ranges, the calling thread taking the first. Threads are created per call
- * and joined before returning, so nothing survives a call (fork-safe, and
- * reentrant from several caller threads). If a thread cannot be created, its
- * range runs in the caller. */
+ * ranges, the calling thread taking the first, the others on the pool's
+ * persistent workers (threads.c); it returns when all are done. Reentrant
+ * from several caller threads (a call that finds the pool busy uses threads
+ * of its own) and fork-safe. If a thread cannot be created, fewer ranges. */
 typedef void (*dnbn_range_fn)(void *ctx, idx_t lo, idx_t hi);
 void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx);
 

@@ -1,9 +1,8 @@
 /*
- * threads.c - the thread-count setting and a fork-safe parallel_for.
+ * threads.c - the thread-count setting and parallel_for on a pool of
+ * persistent, sleeping worker threads (fork-safe; see "the pool" below).
  *
- * The thread count is the library's only mutable global. Threads are created
- * for a call and joined before it returns: no pool outlives a call, so a child
- * process after fork() starts clean and two callers never share workers.
+ * Mutable globals: the thread count and the pool.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -18,6 +17,31 @@
 #define MIN_WORK_PER_THREAD ((idx_t)1 << 17)
 
 static atomic_int num_threads; /* 0 until first read: then the default */
+
+/* ---- the pool ----
+ * Workers 1 .. workers-1 are created on first use and sleep on a condition
+ * variable between calls (no spinning: they leave the cores to others). A
+ * call posts a job, a new generation wakes them, worker k runs range k of
+ * `parts` while the caller runs range 0, and the caller sleeps until the last
+ * one is done. One caller owns the pool at a time (`busy`); a concurrent
+ * caller runs on transient threads instead. Workers above the thread setting
+ * exit when it is lowered. fork(): the prepare handler takes the lock, so the
+ * child inherits a consistent pool; its workers do not exist there, so the
+ * child starts with none (and no owner) and creates them again on first use. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    int workers;              /* started worker threads, numbered 1 .. workers */
+    int busy;                 /* a caller owns the pool */
+    unsigned long generation; /* bumped per job */
+    int parts, pending;       /* the job's ranges; workers still running it */
+    dnbn_range_fn fn;
+    void *ctx;
+    idx_t n;
+    unsigned long born[DNBN_MAX_THREADS]; /* generation when worker k was created: its first job is the next */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL,
+          NULL, 0, {0}};
+
 
 static int default_threads(void)
 {
@@ -38,6 +62,9 @@ int dnbn_set_num_threads(int n)
 {
     if (n < 1) return DNBN_ERR_ARG;
     atomic_store(&num_threads, n > DNBN_MAX_THREADS ? DNBN_MAX_THREADS : n);
+    pthread_mutex_lock(&pool.lock); /* workers above the new count exit */
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
     return DNBN_OK;
 }
 
@@ -73,16 +100,11 @@ static void *run_range(void *arg)
     return NULL;
 }
 
-void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
+/* Threads created for one call and joined before it returns: what a call
+ * that finds the pool busy (another thread of the process is in a parallel
+ * call) uses, as the library did before it had a pool. */
+static void transient_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
 {
-    if (n <= 0) return;
-    if (threads > n) threads = (int)n;
-    if (threads <= 1) {
-        fn(ctx, 0, n);
-        return;
-    }
-    if (threads > DNBN_MAX_THREADS) threads = DNBN_MAX_THREADS;
-
     range_task tasks[DNBN_MAX_THREADS];
     pthread_t ids[DNBN_MAX_THREADS];
     int started[DNBN_MAX_THREADS];
@@ -99,4 +121,99 @@ void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
         else
             run_range(&tasks[t]); /* could not start a thread: do its share here */
     }
+}
+
+static void *worker_main(void *arg)
+{
+    int k = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool.lock);
+    unsigned long seen = pool.born[k];
+    for (;;) {
+        while (pool.generation == seen && k < dnbn_get_num_threads()) pthread_cond_wait(&pool.wake, &pool.lock);
+        if (pool.generation == seen) { /* the setting dropped below this worker, and no job is for it */
+            if (k == pool.workers) { /* only the highest exits, so workers stay 1 .. workers */
+                pool.workers--;
+                pthread_cond_broadcast(&pool.wake); /* the next one down may exit too */
+                pthread_mutex_unlock(&pool.lock);
+                return NULL;
+            }
+            pthread_cond_wait(&pool.wake, &pool.lock);
+            continue;
+        }
+        seen = pool.generation;
+        if (k >= pool.parts) continue;
+        dnbn_range_fn fn = pool.fn;
+        void *ctx = pool.ctx;
+        idx_t lo = pool.n * k / pool.parts, hi = pool.n * (k + 1) / pool.parts;
+        pthread_mutex_unlock(&pool.lock);
+        fn(ctx, lo, hi);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+    }
+}
+
+static void fork_prepare(void) { pthread_mutex_lock(&pool.lock); }
+static void fork_parent(void) { pthread_mutex_unlock(&pool.lock); }
+static void fork_child(void)
+{
+    pool.workers = 0;
+    pool.busy = 0;
+    pool.pending = 0;
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pthread_mutex_unlock(&pool.lock);
+}
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void register_atfork(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
+/* Workers up to `want` - 1 (called with the lock held); returns how many exist. */
+static int grow_pool(int want)
+{
+    while (pool.workers < want - 1) {
+        pthread_t id;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pool.born[pool.workers + 1] = pool.generation;
+        int ok = pthread_create(&id, &attr, worker_main, (void *)(intptr_t)(pool.workers + 1)) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool.workers++;
+    }
+    return pool.workers;
+}
+
+void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
+{
+    if (n <= 0) return;
+    if (threads > n) threads = (int)n;
+    if (threads > DNBN_MAX_THREADS) threads = DNBN_MAX_THREADS;
+    if (threads <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&pool.lock);
+    if (pool.busy) {
+        pthread_mutex_unlock(&pool.lock);
+        transient_for(n, threads, fn, ctx);
+        return;
+    }
+    int workers = grow_pool(threads);
+    if (workers < threads - 1) threads = workers + 1; /* could not start them all: fewer, larger ranges */
+    pool.busy = 1;
+    pool.fn = fn, pool.ctx = ctx, pool.n = n;
+    pool.parts = threads;
+    pool.pending = threads - 1;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+
+    fn(ctx, 0, n / threads);
+
+    pthread_mutex_lock(&pool.lock);
+    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.lock);
+    pool.busy = 0;
+    pthread_mutex_unlock(&pool.lock);
 }

@@ -22,6 +22,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include <dirent.h>
 #include <errno.h>
 #include <float.h>
 #include <limits.h>
@@ -35,6 +36,7 @@
 #include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "darknet_bn.h"
@@ -1429,6 +1431,51 @@ static void test_paths_run_what_they_name(void)
     dnbn_set_num_threads(saved);
 }
 
+/* Threads of this process (entries of /proc/self/task), or -1 where that is not available. */
+static int process_threads(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        if (e->d_name[0] != '.') n++;
+    closedir(d);
+    return n;
+}
+
+static void wait_ms(long ms)
+{
+    struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+/* The worker pool persists between calls (no thread is created per call) and shrinks with the setting. */
+static void test_pool_persists_and_shrinks(void)
+{
+    g_test = __func__;
+    const char *tn = "worker pool";
+    if (process_threads() < 0) return;
+    int saved = dnbn_get_num_threads();
+    dnbn_layer *l = dnbn_make_batchnorm_layer(4, 128, 128, 8); /* 2^19 values: 4 threads' worth */
+    dnbn_network net = {.input = l->output, .delta = NULL, .train = 1};
+    /* this test program runs no other thread between tests: the process is the main thread + workers */
+    dnbn_set_num_threads(4);
+    check_int(tn, "forward at 4 threads", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
+    check_int(tn, "three workers stay after the call", process_threads(), 1 + 3);
+    check_int(tn, "another call", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
+    check_int(tn, "no thread created per call", process_threads(), 1 + 3);
+    dnbn_set_num_threads(2);
+    int after = process_threads();
+    for (int i = 0; i < 200 && after > 1 + 1; i++) {
+        wait_ms(5);
+        after = process_threads();
+    }
+    check_int(tn, "workers above the setting exit", after, 1 + 1);
+    check_int(tn, "forward at 2 threads", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
+    dnbn_free_batchnorm_layer(l);
+    dnbn_set_num_threads(saved);
+}
+
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
 static void test_threads_setting(void)
 {
@@ -1995,6 +2042,7 @@ int main(void)
     test_make_errors();
     test_layer_edges();
     test_paths_run_what_they_name();
+    test_pool_persists_and_shrinks();
     test_set_numerics();
     test_input_is_output();
     test_backward_from();
