@@ -52,10 +52,12 @@ outside [0, 1] or an eps that is not positive in float32, sizes beyond a C
 ``int``, empty inputs and training with fewer than 2 values per channel (PyTorch
 raises its own error for that).
 
-Memory formats: a contiguous input is used in place. Any other input
-(``channels_last``, a transposed or sliced view) is first copied to a
-contiguous tensor; a ``channels_last`` input gets a ``channels_last`` output,
-like PyTorch's. A non-contiguous gradient is copied to a contiguous one.
+Memory formats: a contiguous input is used in place, and so is a
+``channels_last`` one: in memory it is an (N*H*W) x C matrix, which the C
+layer computes as its spatial == 1 case, writing a ``channels_last`` output
+(and input gradient), like PyTorch's. Any other input (a transposed or sliced
+view) is first copied to a contiguous tensor; a gradient in another layout
+than its input's is copied to that layout.
 
 Higher-order gradients. A backward that builds a graph of the gradient
 (``torch.autograd.grad(..., create_graph=True)``, ``backward(create_graph=True)``:
@@ -151,9 +153,25 @@ def _per_channel_ok(t: Optional[torch.Tensor], c: int) -> bool:
     return t is None or (_plain_cpu_f32(t) and t.dim() == 1 and t.numel() == c and t.is_contiguous())
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels-last (NHWC) and not also plainly contiguous."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out as ``like`` (contiguous, or channels-last), copied only if it is not already."""
+    return t.contiguous(memory_format=torch.channels_last) if _channels_last(like) else t.contiguous()
+
+
 def _dims(x: torch.Tensor) -> Tuple[int, int, int, int]:
-    """(batch, channels, h, w) of an (N, C), (N, C, L) or (N, C, H, W, ...) input as the C layer sees it."""
+    """(batch, channels, h, w) of an (N, C), (N, C, L) or (N, C, H, W, ...) input as the C layer sees it.
+
+    A channels-last (N, C, H, W) tensor is an (N*H*W) x C matrix in memory: the
+    C layer's spatial == 1 case, with N*H*W rows (docs/reference.md §2).
+    """
     n, c = x.shape[0], x.shape[1]
+    if _channels_last(x):
+        return n * x.shape[2] * x.shape[3], c, 1, 1
     if x.dim() == 2:
         return n, c, 1, 1
     if x.dim() == 3:
@@ -241,7 +259,7 @@ class _BatchNormFunction(torch.autograd.Function):
         tracked = running_mean is not None and running_var is not None
         rolling_mean = running_mean if tracked else torch.zeros(c)
         rolling_var = running_var if tracked else torch.ones(c)
-        out = torch.empty(x.shape, dtype=torch.float32)
+        out = torch.empty_like(x, memory_format=torch.preserve_format)  # x's layout, contiguous or NHWC
         stats = torch.empty(4, c, dtype=torch.float32)
         scratch = torch.empty(c * _SCRATCH, dtype=torch.float64)
         layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, stats, scratch, float(eps),
@@ -274,9 +292,9 @@ class _BatchNormFunction(torch.autograd.Function):
             # create_graph=True: the gradient must itself be differentiable.
             dx, dw, db = _graph_backward(ctx, x, weight, dy, need_x, need_w, need_b)
         elif ctx.training:
-            dx, dw, db = _train_backward(ctx, x, weight, dy.contiguous(), need_x)
+            dx, dw, db = _train_backward(ctx, x, weight, _same_layout(dy, x), need_x)
         else:
-            dx, dw, db = _eval_backward(ctx, x, weight, dy.contiguous(), need_x, need_w, need_b)
+            dx, dw, db = _eval_backward(ctx, x, weight, _same_layout(dy, x), need_x, need_w, need_b)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None,
                 None, None, None, None, None)
 
@@ -317,7 +335,7 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
     layer.x = _fp(x)
     layer.scales = _fp(weight if weight is not None else scales)
     if need_x:
-        dx = torch.empty(x.shape, dtype=torch.float32)
+        dx = torch.empty_like(x, memory_format=torch.preserve_format)
         # backward accumulates (+=) into the updates: they start at zero. Two
         # tensors, not views of one, as they become weight.grad and bias.grad.
         dw, db = torch.zeros(c), torch.zeros(c)
@@ -365,12 +383,9 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
     """
     if not _servable(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if input.is_contiguous():
-        return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    channels_last = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)
-    out = _BatchNormFunction.apply(input.contiguous(), weight, bias, running_mean, running_var, training,
-                                   momentum, eps)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    if not (input.is_contiguous() or _channels_last(input)):
+        input = input.contiguous()  # a transposed or sliced view
+    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 def _fx_leaf(module: torch.nn.Module, input: torch.fx.Proxy) -> Optional[torch.fx.Proxy]:

@@ -186,6 +186,36 @@ def test_channels_last(c_calls):
     assert c_calls == [True, False]
 
 
+@pytest.mark.parametrize("dy_layout", ["channels_last", "contiguous"])
+def test_channels_last_computed_in_place(monkeypatch, dy_layout):
+    """A channels_last input reaches the C layer itself (no copy: an (N*H*W) x C matrix, spatial == 1), and its
+    output and input gradient are channels_last; a gradient in the other layout gives the same results."""
+    seen = []
+    original = dbt._BatchNormFunction.apply
+
+    def recording(*args):
+        seen.append(args[0])
+        return original(*args)
+
+    monkeypatch.setattr(dbt._BatchNormFunction, "apply", recording)
+    ref, mine = pair("BatchNorm2d", 12)
+    x = data((3, 12, 5, 4), 8).contiguous(memory_format=torch.channels_last)
+    dy = data((3, 12, 5, 4), 9)
+    dy = dy.contiguous(memory_format=torch.channels_last) if dy_layout == "channels_last" else dy.contiguous()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ref(x1), mine(x2)
+    assert len(seen) == 1 and seen[0].data_ptr() == x2.data_ptr(), "the input was copied"
+    assert y2.is_contiguous(memory_format=torch.channels_last) and not y2.is_contiguous()
+    y1.backward(dy)
+    y2.backward(dy)
+    assert x2.grad.is_contiguous(memory_format=torch.channels_last)
+    close(y2, y1, "y")
+    close(x2.grad, x1.grad, "dx")
+    close(mine.weight.grad, ref.weight.grad, "dweight")
+    close(mine.bias.grad, ref.bias.grad, "dbias")
+    compare_buffers(ref, mine, "channels_last in place")
+
+
 def test_non_contiguous_input_and_grad():
     """A strided input and a non-contiguous (transposed, expanded) grad_output give PyTorch's results."""
     ref, mine = pair("BatchNorm1d", 8)
