@@ -1476,6 +1476,122 @@ static void test_pool_persists_and_shrinks(void)
     dnbn_set_num_threads(saved);
 }
 
+/* A float for the primitive tests: mostly ordinary, sometimes NaN, infinite, denormal or near FLT_MAX. */
+static float prim_value(rng_t *r)
+{
+    switch (rng_u64(r) % 16) {
+    case 0: return NAN;
+    case 1: return (rng_u64(r) & 1) ? INFINITY : -INFINITY;
+    case 2: return 1e-41f;
+    case 3: return (rng_u64(r) & 1) ? 3.2e38f : -3.2e38f;
+    default: return (float)(rng_gauss(r) * 3 + 1);
+    }
+}
+
+/* The same bits, or NaN in both (a NaN's payload depends on which NaN operand an operation meets first,
+ * and the two builds add in the same order but may meet two NaNs in another). */
+static int same_doubles(const double *a, const double *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], sizeof *a) != 0 && !(isnan(a[i]) && isnan(b[i]))) return 0;
+    return 1;
+}
+
+static int same_floats(const float *a, const float *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], sizeof *a) != 0 && !(isnan(a[i]) && isnan(b[i]))) return 0;
+    return 1;
+}
+
+/* Every row primitive of the portable build and of the AVX2 build (where this CPU has it) gives the same
+ * bits on the same inputs: lengths 0..67 (vector bodies and scalar tails), unaligned starts, special values. */
+static void test_row_primitives_bit_identical(void)
+{
+    g_test = __func__;
+    const char *tn = "generic vs avx2 row primitives";
+    const dnbn_rows *g = &dnbn_rows_generic, *v = &dnbn_rows_avx2;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
+        printf("note: no AVX2+FMA on this CPU, %s skipped\n", __func__);
+        return;
+    }
+#else
+    return;
+#endif
+    enum { N = 67, OFF = 3 };
+    rng_t r;
+    rng_init(&r, 20261204);
+    float in[N + OFF], x2[N + OFF], par[8][N];
+    double dk[4][N];
+    int compared = 0, differ = 0;
+    for (int trial = 0; trial < 40; trial++) {
+        for (int i = 0; i < N + OFF; i++) in[i] = prim_value(&r), x2[i] = prim_value(&r);
+        if (trial % 2) /* half the trials without special values */
+            for (int i = 0; i < N + OFF; i++) in[i] = (float)rng_gauss(&r), x2[i] = (float)rng_gauss(&r);
+        for (int k = 0; k < 8; k++)
+            for (int i = 0; i < N; i++) par[k][i] = k == 2 ? (float)(0.5 + rng_unif(&r)) : (float)rng_gauss(&r);
+        for (int k = 0; k < 4; k++)
+            for (int i = 0; i < N; i++) dk[k][i] = rng_gauss(&r);
+        for (idx_t n = 0; n <= N; n++) {
+            const float *a = in + trial % OFF, *b = x2 + (trial / OFF) % OFF;
+            float mh = par[0][0], ml = par[1][0] * 1e-8f, inv = par[2][0], gm = par[3][0], bt = par[4][0];
+            /* reductions */
+            double rg[2], rv[2], sg[2] = {0, 0}, sv[2] = {0, 0};
+            rg[0] = g->sum(a, n), rv[0] = v->sum(a, n);
+            differ += !same_doubles(rg, rv, 1);
+            rg[0] = g->sum_sq_dev(a, n, mh), rv[0] = v->sum_sq_dev(a, n, mh);
+            rg[1] = g->dot(a, b, n), rv[1] = v->dot(a, b, n);
+            differ += !same_doubles(rg, rv, 2);
+            rg[0] = g->dot_dev(a, b, n, mh), rv[0] = v->dot_dev(a, b, n, mh);
+            differ += !same_doubles(rg, rv, 1);
+            g->sums_dev(a, b, n, dk[0][0], &sg[0], &sg[1]);
+            v->sums_dev(a, b, n, dk[0][0], &sv[0], &sv[1]);
+            differ += !same_doubles(sg, sv, 2);
+            g->shifted_sums(a, n, dk[1][0], &rg[0], &rg[1]);
+            v->shifted_sums(a, n, dk[1][0], &rv[0], &rv[1]);
+            differ += !same_doubles(rg, rv, 2);
+            /* elementwise, each output compared */
+            float og[4][N], ov[4][N];
+            memcpy(og[0], a, (size_t)n * 4), memcpy(ov[0], a, (size_t)n * 4);
+            g->scale(og[0], n, gm), v->scale(ov[0], n, gm);
+            g->shift(og[0], n, bt), v->shift(ov[0], n, bt);
+            g->normalize(og[0], n, mh, inv), v->normalize(ov[0], n, mh, inv);
+            differ += !same_floats(og[0], ov[0], (size_t)n);
+            for (int stream = 0; stream < 2; stream++) {
+                g->forward_train(a, og[0], og[1], og[2], n, mh, ml, inv, gm, bt, stream);
+                v->forward_train(a, ov[0], ov[1], ov[2], n, mh, ml, inv, gm, bt, stream);
+                g->forward_infer(a, og[3], n, mh, ml, inv, gm, bt, stream);
+                v->forward_infer(a, ov[3], n, mh, ml, inv, gm, bt, stream);
+                for (int k = 0; k < 4; k++) differ += !same_floats(og[k], ov[k], (size_t)n);
+                g->backward_apply(og[0], a, b, n, dk[0][1], dk[1][1], dk[2][1], dk[3][1], stream);
+                v->backward_apply(ov[0], a, b, n, dk[0][1], dk[1][1], dk[2][1], dk[3][1], stream);
+                differ += !same_floats(og[0], ov[0], (size_t)n);
+            }
+            /* channel-vector twins */
+            double vg[2][N] = {{0}}, vv[2][N] = {{0}};
+            g->v_shifted_acc(a, par[0], n, vg[0], vg[1]), v->v_shifted_acc(a, par[0], n, vv[0], vv[1]);
+            differ += !same_doubles(vg[0], vv[0], N) + !same_doubles(vg[1], vv[1], N);
+            g->v_sum_dot_dev(a, b, par[0], n, vg[0], vg[1]), v->v_sum_dot_dev(a, b, par[0], n, vv[0], vv[1]);
+            differ += !same_doubles(vg[0], vv[0], N) + !same_doubles(vg[1], vv[1], N);
+            g->v_sums_dev(a, b, dk[0], n, vg[0], vg[1]), v->v_sums_dev(a, b, dk[0], n, vv[0], vv[1]);
+            differ += !same_doubles(vg[0], vv[0], N) + !same_doubles(vg[1], vv[1], N);
+            g->v_forward_train(a, og[0], og[1], og[2], n, par[0], par[1], par[2], par[3], par[4]);
+            v->v_forward_train(a, ov[0], ov[1], ov[2], n, par[0], par[1], par[2], par[3], par[4]);
+            g->v_forward_infer(a, og[3], n, par[0], par[1], par[2], par[3], par[4]);
+            v->v_forward_infer(a, ov[3], n, par[0], par[1], par[2], par[3], par[4]);
+            for (int k = 0; k < 4; k++) differ += !same_floats(og[k], ov[k], (size_t)n);
+            g->v_backward_apply(og[0], a, b, n, dk[0], dk[1], dk[2], dk[3]);
+            v->v_backward_apply(ov[0], a, b, n, dk[0], dk[1], dk[2], dk[3]);
+            differ += !same_floats(og[0], ov[0], (size_t)n);
+            compared++;
+        }
+    }
+    check_int(tn, "calls whose outputs differ in any bit", differ, 0);
+    check_true(tn, "cases compared", compared == 40 * (N + 1));
+}
+
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
 static void test_threads_setting(void)
 {
@@ -2043,6 +2159,7 @@ int main(void)
     test_layer_edges();
     test_paths_run_what_they_name();
     test_pool_persists_and_shrinks();
+    test_row_primitives_bit_identical();
     test_set_numerics();
     test_input_is_output();
     test_backward_from();
