@@ -7,6 +7,9 @@
 
 ``bench`` and ``demo`` hand every argument after their name to their module's
 ``main``, so ``python -m darknet_bn bench --help`` is the benchmark's own help.
+In all three, every option is checked before any work starts (darknet_bn._cli):
+a bad value ends the program with one line on stderr naming the option and
+exit status 2.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import json
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import _cli
 
 __all__ = ["main", "build_parser"]
 
@@ -41,8 +46,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser (``bench`` and ``demo`` are listed here, parsed by their modules)."""
-    parser = argparse.ArgumentParser(
+    """The top-level parser (``bench`` and ``demo`` are listed here, parsed by their modules).
+
+    Usage errors are one line on stderr with exit status 2 (darknet_bn._cli).
+    """
+    parser = _cli.ArgumentParser(
         prog="python -m darknet_bn",
         description="darknet_bn: CPU batch normalization in the Darknet style.",
         epilog="Run 'python -m darknet_bn COMMAND --help' for a command's options.",

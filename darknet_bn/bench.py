@@ -60,6 +60,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import darknet_bn
+from darknet_bn import _cli
 from darknet_bn.kernels import reference as _ref
 
 Shape = Tuple[int, int, int, int]
@@ -710,8 +711,8 @@ def cnn_table(cnn: Dict[str, Any]) -> str:
     agr = cnn["agreement"]
     lines.append(f"Median time per step ({cnn['results'][0]['reps']} reps). ratio = torch.nn.BatchNorm2d step time")
     lines.append("/ the converted model's: above 1x the darknet_bn model trains faster. Convolutions, pooling and")
-    lines.append("the optimizer are torch's in both models. With several threads, darknet_bn's threads (started")
-    lines.append("per call) share the cores with torch's OpenMP workers, which spin-wait after each torch op")
+    lines.append("the optimizer are torch's in both models. With several threads, darknet_bn's workers (which")
+    lines.append("sleep between calls) share the cores with torch's OpenMP workers, which spin-wait after each op")
     lines.append(f"(OMP_WAIT_POLICY={cnn['openmp_env'].get('OMP_WAIT_POLICY') or 'unset'}).")
     lines.append(f"Losses of the first {len(agr['losses'][CNN_PEERS[0][0]])} steps agree to a relative "
                  f"{agr['max_rel_diff']:.1e} (tolerance {agr['tolerance']:g}).")
@@ -879,31 +880,53 @@ def machine_info(torch: Any) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- command line
 
 
+#: Bytes the benchmark holds per value of a benchmark shape at its peak: about 48 float32
+#: tensors of the shape (peers' buffers, results compared, NumPy's and torch's temporaries;
+#: measured 47 on 16x64x128x128).
+BYTES_PER_VALUE = 48 * 4
+#: Bytes the CNN row holds per input pixel (batch*h*w) at its peak, plus 8 per input channel
+#: value: activations and gradients of both models (measured 275 floats on 32x3x128x128).
+CNN_BYTES_PER_PIXEL = 300 * 4
+
+
+def _check_memory(text: str, needed: int, what: str) -> None:
+    """Raise ArgumentTypeError if ``needed`` bytes exceed this machine's physical memory."""
+    total = _cli.physical_memory()
+    if total is not None and needed > total:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} needs about {needed / 2**30:.1f} GiB for {what}; this machine has {total / 2**30:.1f} GiB")
+
+
 def parse_shape(text: str) -> Shape:
-    """``"8x32x208x208"`` -> (8, 32, 208, 208); batch*h*w must be >= 2 (training)."""
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        vals = tuple(int(p) for p in parts)
-    except ValueError:
-        vals = ()
-    if len(vals) != 4 or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"shape must be BxCxHxW with positive integers, got {text!r}")
-    if vals[0] * vals[2] * vals[3] < 2:
-        raise argparse.ArgumentTypeError(f"shape {text!r} has fewer than 2 values per channel")
-    return vals  # type: ignore[return-value]
-
-
-def parse_cnn_input(text: str) -> Shape:
-    """``"16x3x64x64"`` -> (16, 3, 64, 64); h and w must be >= 4 (two 2x2 poolings)."""
-    shape = parse_shape(text)
-    if shape[2] < 4 or shape[3] < 4:
-        raise argparse.ArgumentTypeError(f"CNN input {text!r} must be at least 4x4 (two 2x2 poolings)")
+    """``"8x32x208x208"`` -> (8, 32, 208, 208); batch*h*w must be >= 2 (training), and the
+    benchmark's buffers for it (:data:`BYTES_PER_VALUE`) must fit in physical memory."""
+    shape = _cli.shape(min_values_per_channel=2)(text)
+    b, c, h, w = shape
+    _check_memory(text, b * c * h * w * BYTES_PER_VALUE, "the benchmark's buffers")
     return shape
 
 
+def parse_cnn_input(text: str) -> Shape:
+    """``"16x3x64x64"`` -> (16, 3, 64, 64); h and w must be >= 4 (two 2x2 poolings), and the
+    CNN row's activations (:data:`CNN_BYTES_PER_PIXEL`) must fit in physical memory."""
+    shape = _cli.shape(min_values_per_channel=2, min_hw=4, why=" (two 2x2 poolings)")(text)
+    b, c, h, w = shape
+    _check_memory(text, b * h * w * (CNN_BYTES_PER_PIXEL + 8 * c), "the CNN's activations")
+    return shape
+
+
+def _bandwidth_mb_type() -> Callable[[str], int]:
+    """``--bandwidth-mb``: 1 MB up to what two buffers of that size leave of physical memory."""
+    total = _cli.physical_memory()
+    if total is None:
+        return _cli.integer(1)
+    return _cli.integer(1, max(1, total // (2 * 2**20)), " (two buffers of this many MB must fit in memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options; every value is checked while parsing (darknet_bn._cli)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m darknet_bn.bench",
         description="Time darknet_bn's batch-norm layer (training step and inference) against PyTorch, "
                     "NumPy and the reference C loops, side by side in one process (docs/reference.md §7).",
@@ -911,22 +934,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="BxCxHxW",
                    help="shapes to time (default: docs/reference.md §7's six; with --quick the three small ones)")
-    p.add_argument("--threads", nargs="+", type=int, metavar="N",
-                   help=f"thread counts (default: 1 and all usable cores, here {usable})")
-    p.add_argument("--reps", type=int, default=None,
-                   help="repetitions per (shape, threads); default: chosen per shape from a time budget")
+    p.add_argument("--threads", nargs="+", type=_cli.threads, metavar="N",
+                   help=f"thread counts, 1 to {_cli.MAX_THREADS} (default: 1 and all usable cores, here {usable})")
+    p.add_argument("--reps", type=_cli.integer(1), default=None,
+                   help="repetitions per (shape, threads), >= 1; default: chosen per shape from a time budget")
     p.add_argument("--quick", action="store_true", help="small shapes only and fewer repetitions")
-    p.add_argument("--out", default=os.path.join("results", "bench"), help="output directory (default: %(default)s)")
+    p.add_argument("--out", type=_cli.output_dir, default=os.path.join("results", "bench"),
+                   help="output directory, created if missing (default: %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
     p.add_argument("--cnn-input", type=parse_cnn_input, default=CNN_INPUT, metavar="BxCxHxW",
                    help="input of the CNN training-step row (default: 16x3x64x64; needs torch)")
     p.add_argument("--no-cnn", action="store_true", help="skip the CNN training-step row")
-    p.add_argument("--min-time", type=float, default=None,
+    p.add_argument("--min-time", type=_cli.positive_real, default=None, metavar="SECONDS",
                    help="least seconds per sample; fast calls are looped (default 0.005, 0.002 with --quick)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=_cli.positive_real, default=None, metavar="SECONDS",
                    help="seconds of timed repetitions per (shape, threads) when --reps is not given "
                         "(default 6, 1.5 with --quick)")
-    p.add_argument("--bandwidth-mb", type=int, default=256,
+    p.add_argument("--bandwidth-mb", type=_bandwidth_mb_type(), default=256, metavar="MB",
                    help="buffer size for the copy-bandwidth measurement (default: %(default)s MB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -943,19 +967,24 @@ def _import_torch(disabled: bool) -> Any:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; print the table; write bench.json/.txt/.png. Returns 0, or 1 if peers disagree."""
-    args = build_parser().parse_args(argv)
+    """Run the benchmark; print the table; write bench.json/.txt/.png.
+
+    Returns 0; 1 if peers disagree or the results cannot be written; 2 if --out cannot be created.
+    A bad option value exits with status 2 and one line on stderr before anything runs.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # before any work: a run of minutes must not end in an unwritable --out
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        print(f"{parser.prog}: error: argument --out: cannot create {args.out!r}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     torch = _import_torch(args.no_torch)
     shapes: List[Shape] = list(args.shapes or (QUICK_SHAPES if args.quick else SHAPES))
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads_list = sorted(set(args.threads or [1, usable]))
-    if min(threads_list) < 1:
-        print("error: --threads must be >= 1", file=sys.stderr)
-        return 2
-    if args.reps is not None and args.reps < 1:
-        print("error: --reps must be >= 1", file=sys.stderr)
-        return 2
+    threads_list = sorted(set(args.threads or [1, min(usable, _cli.MAX_THREADS)]))
     min_time = args.min_time if args.min_time is not None else (0.002 if args.quick else 0.005)
     budget = args.budget if args.budget is not None else (1.5 if args.quick else 6.0)
     max_reps = 5 if args.quick else 15
@@ -1030,7 +1059,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"CNN LOSSES DISAGREE: max relative diff {cnn['agreement']['max_rel_diff']:.2e}", file=sys.stderr)
         all_agree = False
 
-    os.makedirs(args.out, exist_ok=True)
     wall = time.perf_counter() - start
     report = {
         "schema": SCHEMA,
@@ -1053,17 +1081,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "cnn": cnn,
         "wall_time_s": None,
     }
-    png = plot(cells, os.path.join(args.out, "bench.png"))
-    if png is None:
-        print("matplotlib is not installed: no bench.png (pip install 'darknet_bn[bench]')", file=sys.stderr)
-    wall = time.perf_counter() - start
-    report["wall_time_s"] = wall
-    if hasattr(os, "getloadavg"):
-        machine["load_average_end"] = list(os.getloadavg())
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, "bench.txt"), "w") as f:
-        f.write(text + "\n")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        png = plot(cells, os.path.join(args.out, "bench.png"))
+        if png is None:
+            print("matplotlib is not installed: no bench.png (pip install 'darknet_bn[bench]')", file=sys.stderr)
+        wall = time.perf_counter() - start
+        report["wall_time_s"] = wall
+        if hasattr(os, "getloadavg"):
+            machine["load_average_end"] = list(os.getloadavg())
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(args.out, "bench.txt"), "w") as f:
+            f.write(text + "\n")
+    except OSError as exc:  # --out was writable at the start; it no longer is
+        print(f"{parser.prog}: error: cannot write the results into {args.out!r}: {exc}", file=sys.stderr)
+        return 1
     print(f"\nwall time {wall:.1f} s; wrote {os.path.join(args.out, 'bench.json')}"
           + (f", {png}" if png else "") + f", {os.path.join(args.out, 'bench.txt')}")
     return 0 if all_agree else 1

@@ -56,9 +56,50 @@ second ``BatchNormLayer`` per hidden layer, sized to the test set, into which
 the training layer's ``scales``, ``biases``, ``rolling_mean`` and
 ``rolling_variance`` are copied before each evaluation.
 
-NumPy's BLAS is limited to one thread while training (threadpoolctl, which
-comes with scikit-learn): the matrices are tiny, BLAS threads only cost time,
-and one thread makes the results the same on any machine.
+Reproducibility: the same seed gives the same numbers on any machine.
+``results.json`` depends only on ``--seed``, ``--steps`` and ``--eval-every``
+(and on the NumPy and scikit-learn versions, which fix the random streams and
+the split), not on the CPU, its SIMD extensions, the BLAS library, its kernel
+or its thread count, or darknet_bn's thread count or SIMD path. It used to
+depend on them: the dense layers were NumPy's float32 ``@`` and the
+activations NumPy's float32 ``tanh``, ``exp`` and ``log``. OpenBLAS picks its
+matrix kernel by CPU (``OPENBLAS_CORETYPE``: SkylakeX with AVX-512, Haswell
+with AVX2 only, also on AMD Zen), the kernels add in different orders, and
+NumPy's own float32 ``tanh``/``exp``/``log`` take other code with and without
+AVX2; the last-bit differences grew through training. On one AVX-512 machine,
+the full run's "BN, lr=1.5" ended at 97.3 % test accuracy with OpenBLAS's
+SkylakeX kernel and at 98.3 % (the README's figure) with
+``OPENBLAS_CORETYPE=Haswell``; the other runs kept their table entries but
+their recorded percentiles and losses changed, and ``OPENBLAS_CORETYPE=Prescott``
+or ``NPY_DISABLE_CPU_FEATURES`` (AVX2 off) changed the numbers again. The
+BLAS thread count changed
+nothing (NumPy's BLAS is held at one thread while training), nor did
+``DARKNET_BN_NUM_THREADS`` or ``DARKNET_BN_SIMD=generic``: darknet_bn's SIMD
+paths are bit-identical, and layers this small run on one thread.
+
+So now every float32 the demo computes outside darknet_bn is the correctly
+rounded value of its exact formula (``darknet_bn._exact``: ``matmul``, ``column_sums``,
+``sigmoid``, ``softmax``, ``neg_log``; elementwise ``+ - *`` are
+correctly rounded by IEEE 754 anyway): a float64 approximation with a proven
+error bound is rounded to float32, and the rare entries whose bound straddles
+a rounding boundary are computed exactly (``math.fsum``, 60-digit
+``decimal``). Results are then a function of the inputs alone. What this
+assumes: IEEE 754 float64, a BLAS whose ``dgemm`` is the classical algorithm
+(OpenBLAS, MKL, BLIS, Accelerate: any order, with or without FMA), and
+NumPy's float64 ``exp``/``log`` within 128 ulps (:data:`FLOAT64_MATH_ERROR`).
+It costs time: the full run trains in 85 s instead of 18 s with NumPy's
+float32 ``@`` and functions (shared 2-core Xeon VM): each product is a float64
+``dgemm``, a float32 ``|a| @ |b|`` for the bound and a dozen small NumPy calls
+instead of one ``sgemm``. An explicit fixed-order float64 sum in NumPy was
+slower still (0.9 ms per 60x100x100 product by columns, 1.2 ms as a product
+tensor summed, 1.7 ms in ``longdouble``, against 0.06 ms here and 0.017 ms
+for ``sgemm``). ``tests/test_demo.py`` runs the demo under other OpenBLAS
+kernels and thread counts, NumPy SIMD levels and darknet_bn thread counts and
+SIMD paths, and requires identical results.
+
+NumPy's BLAS is still limited to one thread while training (threadpoolctl,
+which comes with scikit-learn), for speed only: the matrices are tiny, and on
+a busy 2-core machine spinning BLAS threads made training 5-10x slower.
 
 Run ``python -m darknet_bn.demo --help`` for the options.
 """
@@ -77,7 +118,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from darknet_bn import BatchNormLayer
+from darknet_bn import BatchNormLayer, _cli
+from darknet_bn._exact import column_sums, matmul, neg_log, sigmoid, softmax
 
 # ----------------------------------------------------------------------------
 # Fixed settings of the experiment
@@ -182,17 +224,6 @@ def load_digits_split(test_size: int = TEST_SIZE, split_seed: int = SPLIT_SEED) 
 # ----------------------------------------------------------------------------
 
 
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """The logistic function, without overflow for large ``|z|``."""
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32, copy=False)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of (n, k) logits."""
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class Dense:
     """A fully connected layer ``y = x W^T (+ b)`` with Darknet's update.
 
@@ -213,18 +244,22 @@ class Dense:
         """Returns ``x W^T + b``; keeps ``x`` for :meth:`backward` if ``keep``."""
         if keep:
             self._input = x
-        y = x @ self.weights.T
+        y = matmul(x, self.weights.T)
         if self.biases is not None:
             y += self.biases
         return y
 
+    def accumulate(self, delta: np.ndarray) -> None:
+        """Accumulates the updates from ``delta`` (-dLoss/dy) of the last training forward."""
+        assert self._input is not None, "backward before a training forward"
+        self.weight_updates += matmul(delta.T, self._input)
+        if self.biases is not None:
+            self.bias_updates += column_sums(delta)
+
     def backward(self, delta: np.ndarray) -> np.ndarray:
         """Accumulates the updates from ``delta`` (-dLoss/dy); returns -dLoss/dx."""
-        assert self._input is not None, "backward before a training forward"
-        self.weight_updates += delta.T @ self._input
-        if self.biases is not None:
-            self.bias_updates += delta.sum(axis=0)
-        return delta @ self.weights
+        self.accumulate(delta)
+        return matmul(delta, self.weights)
 
     def update(self, learning_rate: float, batch: int, momentum: float) -> None:
         """Darknet's SGD-with-momentum step (no weight decay)."""
@@ -304,7 +339,7 @@ class Network:
         logits = self.dense[-1].forward(h)
         p = softmax(logits)
         rows = np.arange(n)
-        loss = float(-np.mean(np.log(np.maximum(p[rows, y], 1e-30))))
+        loss = math.fsum(neg_log(np.maximum(p[rows, y], np.float32(1e-30))).tolist()) / n
 
         # Backward: delta = -dLoss/d(logits) for the loss summed over the batch.
         delta = -p
@@ -315,7 +350,10 @@ class Network:
             delta = delta * s * (1.0 - s)
             if self.bn:
                 delta = self.bn[i].backward(np.ascontiguousarray(delta, dtype=np.float32)).copy()
-            delta = self.dense[i].backward(delta)
+            if i > 0:
+                delta = self.dense[i].backward(delta)
+            else:  # nothing reads -dLoss/d(input)
+                self.dense[i].accumulate(delta)
 
         # Update, all layers the same Darknet way.
         for d in self.dense:
@@ -358,10 +396,10 @@ class Network:
 def single_threaded_blas() -> Iterator[None]:
     """Limits NumPy's BLAS to one thread for the duration (if threadpoolctl is there).
 
-    The matrices here are tiny (60 x 100): BLAS threads only add overhead, and on
-    a busy 2-core machine their spin-waiting made training 5-10x slower. One
-    thread also makes the sums, and so the results, independent of the
-    machine's core count. threadpoolctl comes with scikit-learn.
+    For speed only: the matrices here are tiny (60 x 100), BLAS threads only
+    add overhead, and on a busy 2-core machine their spin-waiting made training
+    5-10x slower. Results do not depend on it (see the module docstring).
+    threadpoolctl comes with scikit-learn.
     """
     try:
         from threadpoolctl import threadpool_limits
@@ -501,7 +539,7 @@ def train_run(
         pct = np.percentile(tracked, PERCENTILES) if np.all(np.isfinite(tracked)) else [math.nan] * len(PERCENTILES)
         result.steps.append(step)
         result.test_accuracy.append(acc)
-        result.train_loss.append(float(np.mean(interval_losses)) if interval_losses else None)
+        result.train_loss.append(math.fsum(interval_losses) / len(interval_losses) if interval_losses else None)
         result.sigmoid_input_percentiles.append([float(v) for v in pct])
 
     at = set(evaluation_steps(steps, eval_every))
@@ -718,43 +756,87 @@ def plot_learning_rates(results: Sequence[RunResult], path: Path) -> None:
 # ----------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command-line options."""
-    p = argparse.ArgumentParser(
+MAX_STEPS = 1_000_000
+"""Most training steps per run (100 full runs; each step's loss is kept in memory)."""
+
+MAX_EVALUATIONS = 100_000
+"""Most test-set evaluations per run (see :func:`evaluation_count`)."""
+
+
+def evaluation_count(steps: int, eval_every: int) -> int:
+    """An upper bound on ``len(evaluation_steps(steps, eval_every))``, without building the list."""
+    fine = max(1, eval_every // 10)
+    return 2 + steps // eval_every + min(steps, 10 * eval_every) // fine
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's options; every value is checked while parsing (darknet_bn._cli)."""
+    p = _cli.ArgumentParser(
         prog="python -m darknet_bn.demo",
         description=(
             "Reproduce figure 1 of the batch-normalization paper (Ioffe & Szegedy 2015) on scikit-learn's "
             "8x8 digits with darknet_bn: a 64-100-100-100-10 sigmoid network trained without and with batch "
             "norm, plus a learning-rate sweep. Writes results.json, accuracy.png, distributions.png and "
-            "learning_rates.png into --out and prints a summary table."
+            "learning_rates.png into --out and prints a summary table. Same seed, same numbers, on any machine."
         ),
     )
     p.add_argument("--quick", action="store_true",
-                   help=f"short run ({QUICK_STEPS} steps per run instead of {FULL_STEPS}; under a minute)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps per run (overrides the --quick / full default)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help=f"evaluate the test set every N steps, and every N/10 during the first 10N "
-                        f"(default: steps/{DEFAULT_EVAL_POINTS})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order (default 0)")
-    p.add_argument("--out", type=Path, default=Path("results/demo"),
-                   help="output directory (default results/demo/)")
+                   help=f"short run ({QUICK_STEPS} steps per run instead of {FULL_STEPS})")
+    p.add_argument("--steps", type=_cli.integer(1, MAX_STEPS), default=None,
+                   help=f"training steps per run, 1 to {MAX_STEPS:,} (overrides the --quick / full default)")
+    p.add_argument("--eval-every", type=_cli.integer(1), default=None, metavar="N",
+                   help=f"evaluate the test set every N >= 1 steps, and every N/10 during the first 10N "
+                        f"(default: steps/{DEFAULT_EVAL_POINTS}; at most {MAX_EVALUATIONS:,} evaluations per run)")
+    p.add_argument("--seed", type=_cli.integer(0), default=0,
+                   help="seed (>= 0) of the initial weights and batch order (default 0)")
+    p.add_argument("--out", type=_cli.output_dir, default="results/demo",
+                   help="output directory, created if missing (default results/demo/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command-line options, checked; a bad value exits with status 2 and one line on stderr.
+
+    Fills in ``steps`` and ``eval_every`` from their defaults and turns ``out`` into a Path.
+    Creates nothing: :func:`main` creates ``out`` before training.
+    """
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    if args.eval_every is not None and args.eval_every < 1:
-        p.error("--eval-every must be >= 1")
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else FULL_STEPS
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // DEFAULT_EVAL_POINTS)
+    elif evaluation_count(args.steps, args.eval_every) > MAX_EVALUATIONS:
+        p.error(f"argument --eval-every: {args.eval_every} with {args.steps} steps evaluates the test set more "
+                f"than {MAX_EVALUATIONS:,} times per run; use a larger --eval-every")
+    args.out = Path(args.out)
     return args
 
 
+def _missing_modules(names: Sequence[str]) -> List[str]:
+    """The modules of ``names`` that cannot be imported."""
+    import importlib.util
+
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the demo; returns the process exit status."""
+    """Runs the demo; returns the process exit status (2: bad option or missing extra, 1: cannot write)."""
     args = parse_args(argv)
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else FULL_STEPS)
-    eval_every = args.eval_every if args.eval_every is not None else max(1, steps // DEFAULT_EVAL_POINTS)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    missing = _missing_modules(("sklearn", "matplotlib"))
+    if missing:  # before training, not after it
+        print(f"python -m darknet_bn.demo: error: needs {' and '.join(missing)}: "
+              f"pip install 'darknet_bn[demo]'", file=sys.stderr)
+        return 2
+    steps, eval_every, out = args.steps, args.eval_every, args.out
+    try:  # before training: a run of minutes must not end in an unwritable --out
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"python -m darknet_bn.demo: error: argument --out: cannot create {str(out)!r}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress and not _missing_modules(("tqdm",))
 
     data = load_digits_split()
     config = {
@@ -785,13 +867,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(batch {BATCH}, {data.x_train.shape[0]} train / {data.x_test.shape[0]} test digits), "
           f"seed {args.seed}", flush=True)
     start = time.perf_counter()
-    results = run_all(data, steps, eval_every, args.seed, progress=not args.no_progress)
+    results = run_all(data, steps, eval_every, args.seed, progress=progress)
     train_seconds = time.perf_counter() - start
 
-    (out / "results.json").write_text(dump_results(results_json(results, config)), encoding="utf-8")
-    plot_accuracy(results, out / "accuracy.png", BASE_LEARNING_RATE)
-    plot_distributions(results, out / "distributions.png", BASE_LEARNING_RATE)
-    plot_learning_rates(results, out / "learning_rates.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(dump_results(results_json(results, config)), encoding="utf-8")
+        plot_accuracy(results, out / "accuracy.png", BASE_LEARNING_RATE)
+        plot_distributions(results, out / "distributions.png", BASE_LEARNING_RATE)
+        plot_learning_rates(results, out / "learning_rates.png")
+    except OSError as exc:  # --out was writable at the start; it no longer is
+        print(format_table(results))
+        print(f"python -m darknet_bn.demo: error: cannot write the results into {str(out)!r}: {exc}",
+              file=sys.stderr)
+        return 1
 
     print()
     print(format_table(results))

@@ -121,14 +121,33 @@ def test_help_and_bad_arguments(capsys):
         bench.main(["--help"])
     assert exc.value.code == 0
     assert "--shapes" in capsys.readouterr().out
-    for bad in (["--shapes", "4x16x4"], ["--shapes", "1x16x1x1"], ["--shapes", "axbxcxd"], ["--cnn-input", "4x3x2x8"]):
+    for bad in (["--shapes", "4x16x4"], ["--shapes", "1x16x1x1"], ["--shapes", "axbxcxd"], ["--cnn-input", "4x3x2x8"],
+                ["--threads", "0"], ["--reps", "0"]):
         with pytest.raises(SystemExit) as exc:
             bench.main(bad)
         assert exc.value.code == 2
-    assert bench.main(["--threads", "0"]) == 2
-    assert bench.main(["--reps", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and bad[0] in err, err
+
+
+def test_unwritable_results_end_in_one_line(tmp_path, capsys, monkeypatch):
+    """--out that stops being writable during the run: exit status 1 and one line, not a traceback."""
+    def fail(cells, path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(bench, "plot", fail)
+    assert bench.main(TINY + ["--threads", "1", "--no-torch", "--out", str(tmp_path)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "cannot write the results" in err[0] and "Permission denied" in err[0], err
 
 
 def test_parse_shape():
     assert bench.parse_shape("8x32x208x208") == (8, 32, 208, 208)
     assert bench.parse_shape("64X1024X1X1") == (64, 1024, 1, 1)
+    assert bench.parse_cnn_input("16x3x64x64") == (16, 3, 64, 64)
+    for bad in ("4x16x4", "0x1x2x2", "1x16x1x1", "2147483648x1x1x1", "100000x100000x1000x1000"):
+        with pytest.raises(bench.argparse.ArgumentTypeError):
+            bench.parse_shape(bad)
+    for bad in ("4x3x3x8", "4x3x8x3", "100000x3x100000x1000"):
+        with pytest.raises(bench.argparse.ArgumentTypeError):
+            bench.parse_cnn_input(bad)

@@ -1,13 +1,21 @@
-"""Tests of the figure-1 demo (python -m darknet_bn.demo): its training loop and its outputs."""
+"""Tests of the figure-1 demo (python -m darknet_bn.demo): its training loop, its outputs, and its
+correctly rounded arithmetic, which makes the same seed give the same numbers on any machine."""
 
+import decimal
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
 demo = pytest.importorskip("darknet_bn.demo")
+from darknet_bn import _exact  # noqa: E402  (the demo's correctly rounded arithmetic)
 
 RUN_KEYS = {
     "name": str,
@@ -149,3 +157,180 @@ def test_help_mentions_options(capsys):
     text = capsys.readouterr().out
     for option in ("--quick", "--out", "--seed", "--steps"):
         assert option in text
+
+
+# ----------------------------------------------------------------------------- reproducible arithmetic
+
+
+def _nearest_float32(x):
+    """The float32 nearest to the rational x, ties to even: the oracle of correct rounding."""
+    g = np.float32(float(x))
+    cands = [np.nextafter(g, np.float32(-np.inf)), g, np.nextafter(g, np.float32(np.inf))]
+    return min(cands, key=lambda c: (abs(Fraction(float(c)) - x), int(c.view(np.uint32)) % 2))
+
+
+def _exact_matmul(a, b):
+    out = np.empty((a.shape[0], b.shape[1]), np.float32)
+    for i in range(a.shape[0]):
+        for j in range(b.shape[1]):
+            out[i, j] = _nearest_float32(sum(Fraction(float(a[i, k])) * Fraction(float(b[k, j]))
+                                             for k in range(a.shape[1])))
+    return out
+
+
+def _matrices():
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 17, (6, 40)).astype(np.float32) / np.float32(16)  # few bits: exact ties are common
+    weights = (rng.standard_normal((40, 9)) / 6).astype(np.float32)
+    deltas = (rng.standard_normal((6, 40)) * 10.0 ** rng.integers(-6, 1, (6, 40))).astype(np.float32)
+    ones = np.ones((1, 6), np.float32)
+    # Rows whose exact sums sit just above, on and just below a float32 halfway point.
+    ties = np.array([[1.0, 2.0**-24, 2.0**-60], [1.0, 2.0**-24, 0.0], [1.0, 2.0**-24, -(2.0**-60)]], np.float32)
+    return [(pixels, weights), (deltas, weights), (deltas.T[:9], pixels), (ones, deltas), (ties, np.ones((3, 2), np.float32))]
+
+
+def test_matmul_is_correctly_rounded():
+    """Every entry is the float32 nearest to the exact sum (ties to even), including exact ties."""
+    for a, b in _matrices():
+        assert np.array_equal(_exact.matmul(a, b), _exact_matmul(a, b))
+    ties = _exact.matmul(*_matrices()[-1])
+    assert ties[:, 0].tolist() == [np.float32(1.0000001192092896), 1.0, 1.0]
+
+
+def test_column_sums_are_correctly_rounded():
+    for a, _ in _matrices():
+        want = _exact_matmul(np.ones((1, a.shape[0]), np.float32), a)[0]
+        assert np.array_equal(_exact.column_sums(a), want)
+
+
+def test_exact_fallbacks_agree_with_the_fast_path(monkeypatch):
+    """With error bounds a million times too wide nearly every value takes the exact path; nothing changes."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((30, 50), dtype=np.float32)
+    b = (rng.standard_normal((50, 20)) / 7).astype(np.float32)
+    z = np.concatenate([rng.standard_normal(200) * 5, [0.0, -30.0, 30.0, -120.0, 120.0, -800.0, 800.0]])
+    z = z.astype(np.float32).reshape(1, -1)
+    logits = (rng.standard_normal((20, 10)) * 4).astype(np.float32)
+    p = rng.random(50).astype(np.float32) + np.float32(1e-6)
+
+    def everything():
+        return [_exact.matmul(a, b), _exact.column_sums(a), _exact.sigmoid(z), _exact.softmax(logits), _exact.neg_log(p)]
+
+    fast = everything()
+    monkeypatch.setattr(_exact, "UNIT_ROUNDOFF", 2.0**-33)
+    monkeypatch.setattr(_exact, "FLOAT64_MATH_ERROR", 2.0**-26)
+    for got, want in zip(everything(), fast):
+        assert np.array_equal(got, want)
+
+
+def test_functions_are_correctly_rounded():
+    """sigmoid, softmax and -log against 60-digit decimal arithmetic."""
+    rng = np.random.default_rng(5)
+    z = np.concatenate([rng.standard_normal(300) * 6, [0.0, -17.5, 40.0, -104.0, -110.0, 750.0, -750.0]])
+    z = z.astype(np.float32)
+    logits = (rng.standard_normal((8, 10)) * 5).astype(np.float32)
+    p = np.concatenate([rng.random(100), [1.0, 1e-30, 0.5]]).astype(np.float32)
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        D = decimal.Decimal
+        want_sig = [_nearest_float32(Fraction(1 / (1 + (-D(float(v))).exp()))) for v in z]
+        want_soft = []
+        for row in logits:
+            e = [(D(float(v)) - D(float(row.max()))).exp() for v in row]
+            want_soft.append([_nearest_float32(Fraction(x / sum(e))) for x in e])
+        want_log = [_nearest_float32(-Fraction(D(float(v)).ln())) for v in p]
+    assert np.array_equal(_exact.sigmoid(z), np.array(want_sig, np.float32))
+    assert np.array_equal(_exact.softmax(logits), np.array(want_soft, np.float32))
+    assert np.array_equal(_exact.neg_log(p), np.array(want_log, np.float32))
+
+
+# A short demo whose results are printed as JSON; the test runs it under other BLAS kernels, NumPy SIMD
+# levels and darknet_bn thread counts and SIMD paths. With NumPy's float32 BLAS and functions, each of
+# these changed results.json after 100 steps (OPENBLAS_CORETYPE=Haswell/Prescott, AVX2 off in NumPy).
+_SNIPPET = """
+import json
+from darknet_bn import demo
+data = demo.load_digits_split()
+runs = demo.run_all(data, steps=100, eval_every=10, seed=2, progress=False)
+print(json.dumps(demo.results_json(runs, {})["runs"]))
+"""
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _numpy_dispatch_features():
+    """NumPy's optional SIMD targets on this machine (to switch them all off), or []."""
+    try:
+        return list(np.show_config(mode="dicts")["SIMD Extensions"]["found"])
+    except Exception:  # older NumPy: no mode="dicts"
+        return []
+
+
+def _environments():
+    """Settings that change NumPy's float32 results, each paired with other darknet_bn thread counts."""
+    envs = [{}]
+    other = {"DARKNET_BN_NUM_THREADS": "3", "DARKNET_BN_SIMD": "generic", "OPENBLAS_NUM_THREADS": "2"}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        other["OPENBLAS_CORETYPE"] = "Prescott"  # SSE3 kernels, on any x86-64
+        flags = _cpu_flags()
+        if {"avx2", "fma"} <= flags and "avx512f" in flags:
+            envs.append({"OPENBLAS_CORETYPE": "Haswell", "DARKNET_BN_NUM_THREADS": "1"})
+    features = _numpy_dispatch_features()
+    if features:
+        other["NPY_DISABLE_CPU_FEATURES"] = " ".join(features)
+    envs.append(other)
+    return envs
+
+
+def test_same_seed_same_numbers_on_any_blas_and_simd():
+    """The demo's results do not depend on the BLAS kernel or threads, NumPy's SIMD level, or darknet_bn's
+    threads and SIMD path: the runs print identical JSON."""
+    procs = []
+    for extra in _environments():
+        env = dict(os.environ)
+        env.update(extra)
+        procs.append((extra, subprocess.Popen([sys.executable, "-c", _SNIPPET], env=env, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    outputs = []
+    for extra, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (extra, err)
+        outputs.append((extra, out))
+    runs = json.loads(outputs[0][1])
+    assert len(runs) == 6 and all(r["steps"][-1] == 100 for r in runs)
+    for extra, out in outputs[1:]:
+        assert out == outputs[0][1], f"results differ under {extra}"
+
+
+def test_unwritable_results_end_in_one_line(tmp_path, capsys, monkeypatch):
+    """--out that stops being writable during the run: exit status 1, the table, one error line."""
+    pytest.importorskip("matplotlib")
+
+    def fail(results, path, base_lr):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(demo, "plot_accuracy", fail)
+    assert demo.main(["--steps", "5", "--eval-every", "5", "--no-progress", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "steps to 90%" in captured.out
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "cannot write the results" in lines[0] and "Permission denied" in lines[0]
+
+
+def test_missing_extra_stops_before_training(tmp_path, capsys, monkeypatch):
+    """Without matplotlib the demo says so before training (it used to fail after it)."""
+    monkeypatch.setattr(demo, "_missing_modules", lambda names: [n for n in names if n == "matplotlib"])
+    monkeypatch.setattr(demo, "run_all", lambda *a, **k: pytest.fail("trained without matplotlib"))
+    assert demo.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "matplotlib" in err[0] and "pip install 'darknet_bn[demo]'" in err[0]
+    assert not (tmp_path / "out").exists()
