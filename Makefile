@@ -7,6 +7,7 @@
 #   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
 #   make bench    the Python benchmark against PyTorch, NumPy and the reference path
 #   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)
+#   make mpi-example  the C phases over MPI on 3 ranks (examples/mpi_phases.c)
 #   make darknet-shim, make test-darknet, make bench-darknet   darknet_bn inside Debian's Darknet (below)
 #   make FLAVOR=alexeyab   also build/libdarknet_bn_alexeyab.{a,so}: the kernels with AlexeyAB's arithmetic
 #   make install  the C library, its header and darknet_bn.pc under PREFIX (default /usr/local;
@@ -30,7 +31,7 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: fuzz all lib flavors darknet-shim darknet-installed test-darknet bench-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
+.PHONY: mpi-example fuzz all lib flavors darknet-shim darknet-installed test-darknet bench-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
 
 FLAVOR ?= pjreddie
 ifeq ($(FLAVOR),alexeyab)
@@ -151,12 +152,21 @@ bench-darknet: darknet-installed
 	$(MAKE) darknet-shim $(BUILD)/darknet_driver
 	$(PYTHON) benchmarks/bench_darknet.py $(BENCH_DARKNET_ARGS)
 
+# The phases over MPI in C (examples/mpi_phases.c), with the mpicc and mpiexec of the pip MPI in .venv.
+MPICC ?= $(VENV)/bin/mpicc
+MPIEXEC ?= $(VENV)/bin/mpiexec
+$(BUILD)/mpi_phases: examples/mpi_phases.c $(BUILD)/libdarknet_bn.a | $(VENV)/.installed
+	$(MPICC) $(CFLAGS_LIB) -Icsrc $< $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
+
+mpi-example: $(BUILD)/mpi_phases
+	$(MPIEXEC) -n 3 $(BUILD)/mpi_phases
+
 # The development environment: the package installed editable (the extension
-# is compiled in place from csrc/) with the test, torch, demo and bench extras.
+# is compiled in place from csrc/) with the test, torch, demo, bench and mpi extras.
 $(VENV)/.installed: pyproject.toml setup.py $(LIB_SRCS) $(HEADERS) darknet_bn/_ffi_build.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip setuptools wheel cffi
-	$(VPY) -m pip install --quiet -e ".[test,torch,demo,bench]"
+	$(VPY) -m pip install --quiet -e ".[test,torch,demo,bench,mpi]"
 	touch $@
 
 venv: $(VENV)/.installed

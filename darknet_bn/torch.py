@@ -117,7 +117,7 @@ import numpy as np
 
 from ._lib import check, ffi, lib
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "FUSER_METHOD_MAPPING", "batch_norm", "convert_model"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "FUSER_METHOD_MAPPING", "SyncBatchNorm", "batch_norm", "convert_model"]
 
 _INT_MAX = 2**31 - 1
 _SCRATCH = int(lib.DNBN_SCRATCH_DOUBLES)
@@ -575,3 +575,6 @@ def _register_fuser_methods() -> None:
 
 
 _register_fuser_methods()
+
+
+from ._sync_torch import SyncBatchNorm  # noqa: E402  (re-export; _sync_torch imports this module lazily)
