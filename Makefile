@@ -5,7 +5,8 @@
 #   make test     C tests (plain, under ASan+UBSan, under valgrind), the C API fuzz driver, then a virtual
 #                 environment (.venv) with the package and its extras, then pytest
 #   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
-#   make bench    the Python benchmark against PyTorch, NumPy and the reference path
+#   make bench    the Python benchmark against PyTorch, NumPy and the reference path, then
+#                 synchronized batch norm on 2 ranks (MPI and gloo) against local batch norm
 #   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)
 #   make mpi-example  the C phases over MPI on 3 ranks (examples/mpi_phases.c)
 #   make darknet-shim, make test-darknet, make bench-darknet   darknet_bn inside Debian's Darknet (below)
@@ -185,6 +186,7 @@ demo: venv
 
 bench: venv
 	$(VPY) -m darknet_bn.bench $(BENCH_ARGS)
+	$(VPY) benchmarks/bench_distributed.py
 
 bench-c: $(BUILD)/bench_batchnorm
 	$(BUILD)/bench_batchnorm $(BENCH_C_ARGS)

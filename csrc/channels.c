@@ -286,6 +286,13 @@ static void public_moments_finish(void *arg, idx_t f, const double acc[3])
     c->m2[f] = acc[2];
 }
 
+/* spatial == 1: tiles of channels, vectorized across channels, as the layer's own statistics. */
+static void public_moments_tile(void *arg, idx_t f0, idx_t n)
+{
+    public_moments_ctx *c = arg;
+    dnbn_tile_moments(c->r, c->x, c->pt->batch, c->pt->filters, f0, n, c->mean + f0, c->m2 + f0);
+}
+
 void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2)
 {
     if (filters <= 0 || !mean || !m2) return;
@@ -296,6 +303,11 @@ void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial,
     if (!x) return;
     dnbn_part pt = dnbn_partition(batch, filters, spatial);
     public_moments_ctx c = {dnbn_rows_active(), &pt, x, mean, m2};
+    if (spatial == 1) {
+        dnbn_tiles t = dnbn_tile_partition(batch, filters);
+        dnbn_map_tiles(&t, public_moments_tile, &c);
+        return;
+    }
     dnbn_reduce r = {public_moments_unit, dnbn_moments_merge, public_moments_finish, &c};
     dnbn_reduce_channels(&pt, &r);
 }

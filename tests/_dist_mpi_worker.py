@@ -69,6 +69,12 @@ def main() -> None:
         return
     if mode == "crash":
         if rank == size - 1:
+            # fail only once rank 0 is on its way into the collective (its marker written), so the
+            # test sees a peer waiting, however slowly rank 0 started
+            marker = os.path.join(out_dir, "rank0.entered")
+            deadline = time.monotonic() + 30
+            while not os.path.exists(marker) and time.monotonic() < deadline:
+                time.sleep(0.01)
             raise RuntimeError("this rank fails before the first collective")
         with open(os.path.join(out_dir, f"rank{rank}.entered"), "w"):
             pass
