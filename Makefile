@@ -4,7 +4,8 @@
 #                 build/tiny_net
 #   make test     C tests (plain, under ASan+UBSan, under valgrind), the C API fuzz driver, then a virtual
 #                 environment (.venv) with the package and its extras, then pytest
-#   make demo     the batch-norm paper's experiment (python -m darknet_bn.demo)
+#   make demo     the batch-norm paper's experiment on MNIST, and data-parallel SyncBN vs per-rank BN
+#                 (python -m darknet_bn.demo)
 #   make bench    the Python benchmark against PyTorch, NumPy and the reference path, then
 #                 synchronized batch norm on 2 ranks (MPI and gloo) against local batch norm
 #   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)

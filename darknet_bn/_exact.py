@@ -14,7 +14,7 @@ from __future__ import annotations
 import decimal
 import math
 from fractions import Fraction
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
@@ -159,6 +159,97 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         for i, j, terms in zip(rows.tolist(), cols.tolist(), products.tolist()):
             out[i, j] = _float32_of_sum(terms)
     return out
+
+
+def sharded_matmul(a: np.ndarray, b: np.ndarray, comm: Any) -> np.ndarray:
+    """:func:`matmul` of a product whose inner dimension is split over the ranks of ``comm``.
+
+    Rank r holds ``a_r`` (n, k_r) and ``b_r`` (k_r, m), the columns of A and
+    the rows of B it owns (A = [a_0 | a_1 | ...], B = [b_0; b_1; ...]), and
+    every rank gets the float32 nearest to the exact ``sum over all K`` (ties
+    to even): bit for bit ``matmul(A, B)`` on the concatenation, whatever the
+    split, the BLAS, or the order in which ``comm`` adds. This is how the
+    data-parallel demo sums a gradient over a batch split across ranks.
+
+    ``comm`` needs ``size``, ``allreduce_sum`` and ``allgather`` of 1-D
+    float64 arrays (:class:`darknet_bn.distributed.Communicator`), and must
+    give every rank the same bits from ``allreduce_sum``. Every rank calls
+    this collectively with the same n and m; entries must be finite.
+
+    How: each rank sends its float64 ``a_r @ b_r`` and an upper bound of
+    ``S_r = sum_k |a_ik b_kj|`` over its own k (as :func:`matmul`), and one
+    ``allreduce_sum`` adds them. Each rank's float64 product is within
+    ``(k_r - 1) u S_r`` of its exact part, adding P of them costs at most
+    ``(P - 1) u`` times the sum of their magnitudes, so the total is within
+    ``(K + P) u S`` of the exact sum (u = 2^-53); four times that bound is
+    used, as in :func:`matmul`. Entries whose interval straddles a float32
+    rounding boundary (the same on every rank, since they follow from the
+    reduced values) take one ``allgather`` of every rank's quantum exponent
+    (see :func:`_quantum_exponents`: the sums of few-bit or zero data are
+    exact, the common case) and, for any left, one ``allgather`` of the
+    ranks' exact float64 products, summed exactly (:func:`_float32_of_sum`).
+
+    Args:
+        a: (n, k_r) float32, this rank's columns of A (k_r may be 0).
+        b: (k_r, m) float32, this rank's rows of B.
+        comm: the communicator.
+
+    Returns:
+        (n, m) float32, the same on every rank.
+    """
+    n, k = a.shape
+    m = b.shape[1]
+    if b.shape[0] != k:
+        raise ValueError(f"a is {a.shape} and b is {b.shape}: the inner sizes differ")
+    size = int(comm.size)
+    approx = a.astype(np.float64) @ b.astype(np.float64)
+    s_max = np.multiply(np.abs(a) @ np.abs(b), 1.0 + 2.0 * k * 2.0**-24, dtype=np.float64)
+    s_max += k * 2.0**-124
+    nm = n * m
+    payload = np.empty(2 * nm + 1, np.float64)
+    payload[:nm] = approx.ravel()
+    payload[nm:2 * nm] = s_max.ravel()
+    payload[-1] = k
+    total = np.asarray(comm.allreduce_sum(payload), np.float64)
+    approx = total[:nm].reshape(n, m)
+    s_sum = total[nm:2 * nm].reshape(n, m)
+    # The adds of the allreduce may round the bounds' sum down by (P - 1) u: 1 + 2^-40 covers it.
+    inflate = 1.0 + 2.0**-40
+    k_all = float(total[-1])  # integers: exact
+    out, ambiguous = _round_unambiguous(approx, s_sum * (inflate * 4.0 * (k_all + size + 2) * UNIT_ROUNDOFF))
+    if not ambiguous.any():
+        return out
+    rows, cols = np.nonzero(ambiguous)
+    if k:
+        q = _quantum_exponents(a[rows], axis=1) + _quantum_exponents(b[:, cols], axis=0)
+    else:
+        q = np.full(len(rows), 1 << 21)
+    # Every partial sum anywhere (inside a rank's BLAS, or across ranks) is a multiple of
+    # 2^q for the least q over the ranks, and at most S in magnitude: exact below 2^(q + 53).
+    gathered = np.asarray(comm.allgather(np.concatenate([[float(k)], q.astype(np.float64)])))
+    q_all = gathered[:, 1:].min(axis=0)
+    exact = s_sum[rows, cols] * inflate < np.ldexp(1.0, np.minimum(q_all + 53, 1000).astype(np.int64))
+    out[rows[exact], cols[exact]] = approx[rows[exact], cols[exact]].astype(np.float32)
+    rows, cols = rows[~exact], cols[~exact]
+    if not len(rows):
+        return out
+    k_max = int(gathered[:, 0].max())
+    products = np.zeros((len(rows), k_max), np.float64)  # zero padding adds nothing to an exact sum
+    products[:, :k] = np.multiply(a[rows, :], b[:, cols].T, dtype=np.float64)  # exact
+    terms = np.asarray(comm.allgather(products.ravel())).reshape(size, len(rows), k_max)
+    for e, (i, j) in enumerate(zip(rows.tolist(), cols.tolist())):
+        out[i, j] = _float32_of_sum(terms[:, e, :].ravel().tolist())
+    return out
+
+
+def sharded_column_sums(x: np.ndarray, comm: Any) -> np.ndarray:
+    """:func:`column_sums` of an (n, m) array whose rows are split over the ranks of ``comm``.
+
+    Rank r passes its (n_r, m) rows; every rank gets the correctly rounded sum
+    over all rows, bit for bit :func:`column_sums` of the concatenation
+    (:func:`sharded_matmul` of a row of ones).
+    """
+    return sharded_matmul(np.ones((1, x.shape[0]), np.float32), x, comm)[0]
 
 
 def column_sums(x: np.ndarray) -> np.ndarray:
