@@ -408,9 +408,17 @@ int main(int argc, char **argv)
             free_bufs(&b);
         }
     }
+    /* the machine-dependent choices the library made during the run */
+    int need = dnbn_tuning_report(NULL, 0);
+    char *tuning = malloc((size_t)need + 1);
+    if (tuning) {
+        dnbn_tuning_report(tuning, need + 1);
+        printf("\ntuning: %s\n", tuning);
+    }
     if (json) {
-        fprintf(json, "\n]}\n");
+        fprintf(json, "\n], \"tuning\": %s}\n", tuning ? tuning : "null");
         fclose(json);
     }
+    free(tuning);
     return 0;
 }

@@ -160,16 +160,18 @@ typedef struct pass {
     float *x;        /* forward: where the input is kept (NULL when l->x is the input itself) */
     double count;    /* backward: values per channel in the whole (maybe sharded) batch */
     double *sums[2]; /* backward phase 1: per-channel outputs, or NULL */
+    dnbn_stream_trial trial;
 } pass;
 
 /* Whether a pass over l touching `tensors` activation tensors streams its
  * output past the caches: when they are too large to stay in them anyway, and
  * rows are whole 64-byte lines (a line written partly by streaming and partly
  * by ordinary stores is slow on both). */
-static int streams(const dnbn_layer *l, int tensors)
+static int streams(const dnbn_layer *l, int tensors, int kind, int threads, dnbn_stream_trial *trial)
 {
-    return (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors >= DNBN_STREAM_BYTES &&
-           (l->out_h * l->out_w) % 16 == 0;
+    if (kind < 0) return trial->slot = -1, trial->stream = 0;
+    return dnbn_stream_begin(trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors, threads,
+                             (l->out_h * l->out_w) % 16 == 0 && l->out_h * l->out_w > 1);
 }
 
 /* Channel f's statistics from its moments: mean, variance, running stats, and
@@ -307,10 +309,10 @@ static void infer_tile(void *arg, idx_t f0, idx_t n)
 
 /* A pass over l reading `in` and touching `tensors` activation tensors in
  * all: the partition and everything its units share. */
-static pass make_pass(dnbn_layer *l, const dnbn_part *pt, const float *in, int tensors)
+static pass make_pass(dnbn_layer *l, const dnbn_part *pt, const float *in, int tensors, int kind)
 {
-    pass p = {l, dnbn_rows_active(), pt, in, streams(l, tensors), l->x == in ? NULL : l->x, (double)pt->m,
-              {NULL, NULL}};
+    pass p = {l, dnbn_rows_active(), pt, in, 0, l->x == in ? NULL : l->x, (double)pt->m, {NULL, NULL}, {-1, 0, 0}};
+    p.stream = streams(l, tensors, kind, pt->threads, &p.trial);
     return p;
 }
 
@@ -320,7 +322,8 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = make_pass(l, &pt, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2);
+    pass p = make_pass(l, &pt, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
+                       net.train ? DNBN_PASS_FORWARD_TRAIN : DNBN_PASS_FORWARD_INFER);
     if (spatial == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
@@ -328,6 +331,7 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
             record_training(l);
         else
             l->state = STATE_INFERENCE;
+        dnbn_stream_end(&p.trial);
         return DNBN_OK;
     }
     if (!net.train) {
@@ -336,6 +340,7 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
         else
             dnbn_map_units(&pt, infer_unit, &p);
         l->state = STATE_INFERENCE;
+        dnbn_stream_end(&p.trial);
         return DNBN_OK;
     }
     if (pt.parts == 1) {
@@ -346,6 +351,7 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
         dnbn_map_units(&pt, train_map_unit, &p);
     }
     record_training(l);
+    dnbn_stream_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -374,9 +380,10 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
     /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
      * treat the tensor as (batch, filters, 1) through the generic partition. */
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, NULL, 2);
+    pass p = make_pass(l, &pt, NULL, 2, DNBN_PASS_FILL);
     dnbn_map_units(&pt, fill_unit, &p);
     l->x_norm_current = 1;
+    dnbn_stream_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -525,7 +532,7 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
     if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, delta_in, 3);
+    pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD);
     if (l->out_h * l->out_w == 1) {
         dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
         dnbn_map_tiles(&t, backward_tile, &p);
@@ -536,6 +543,7 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
         dnbn_reduce_channels(&pt, &r);
         dnbn_map_units(&pt, apply_unit, &p);
     }
+    dnbn_stream_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -557,7 +565,7 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
     if (!layer_ok(l) || !train_buffers_ok(l) || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = make_pass(l, &pt, input, 3 + (l->keep_x_norm != 0));
+    pass p = make_pass(l, &pt, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
     for (idx_t f = 0; f < l->out_c; f++) {
         double acc[3] = {count, mean[f], m2[f]};
         finish_stats(&p, f, acc);
@@ -569,6 +577,7 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
         dnbn_map_units(&pt, train_map_unit, &p);
     }
     record_training(l);
+    dnbn_stream_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -578,7 +587,7 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
     if (!layer_ok(l) || !l->x || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, delta_in, 3);
+    pass p = make_pass(l, &pt, delta_in, 0, -1);
     p.sums[0] = sum_dy;
     p.sums[1] = sum_dy_dev;
     if (l->out_h * l->out_w == 1) {
@@ -598,7 +607,7 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
         return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, delta_in, 3);
+    pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
     p.count = count;
     for (idx_t f = 0; f < l->out_c; f++) {
         double acc[3] = {sum_dy[f], sum_dy_dev[f], 0};
@@ -610,6 +619,7 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
     } else {
         dnbn_map_units(&pt, apply_unit, &p);
     }
+    dnbn_stream_end(&p.trial);
     return DNBN_OK;
 }
 

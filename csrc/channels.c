@@ -10,12 +10,6 @@
  * moments: bounds the cancellation in sum (x-k)^2 - (sum (x-k))^2 / n. */
 #define MOMENT_BLOCK 2048
 
-/* Input bytes of a channel group: about a core's L2, so that a second pass
- * over the group (the input, or delta and x) finds it in L2 or L3, while each
- * image's rows of the group make one long contiguous stretch (measured: 192 KB
- * groups were 10-30 % slower on 8x128x52x52, 16x512x13x13, 32x128x26x26). */
-#define GROUP_BYTES ((idx_t)1024 << 10)
-
 dnbn_part dnbn_partition(int batch, int filters, int spatial)
 {
     dnbn_part pt = {0};
@@ -32,7 +26,11 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial)
         pt.parts = (int)(parts < pt.m ? parts : pt.m);
         return pt;
     }
-    idx_t group = GROUP_BYTES / (pt.m * (idx_t)sizeof(float));
+    /* a group's input about fills a core's L2, so that its second pass finds it
+     * there, while each image's rows of the group make one long contiguous
+     * stretch (measured: 192 KB groups were 10-30 % slower than 1 MB ones on
+     * a 1 MB-L2 machine) */
+    idx_t group = dnbn_group_bytes() / (pt.m * (idx_t)sizeof(float));
     idx_t balanced = filters / (2 * (idx_t)pt.threads); /* at least two units per thread */
     if (group > balanced) group = balanced;
     if (group > DNBN_MAX_GROUP) group = DNBN_MAX_GROUP;

@@ -305,6 +305,16 @@ int dnbn_get_num_threads(void);
  * DARKNET_BN_SIMD=generic forces the portable path. */
 const char *dnbn_simd_path(void);
 
+/* The choices the library made for this machine, as a JSON object written
+ * into buf (at most size bytes, NUL-terminated; like snprintf, returns the
+ * length the whole text needs): instruction-set path, cache sizes, channel
+ * group bytes, the least work per extra thread with the measured wake-up time
+ * it comes from, and the streaming-store decisions taken so far. Each choice
+ * has an environment override: DARKNET_BN_SIMD=generic,
+ * DARKNET_BN_GROUP_KB=<KiB>, DARKNET_BN_MIN_WORK=<values>,
+ * DARKNET_BN_STREAM=auto|always|never (docs/reference.md §5). */
+int dnbn_tuning_report(char *buf, int size);
+
 /* The library version, "MAJOR.MINOR.PATCH". */
 const char *dnbn_version(void);
 

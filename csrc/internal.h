@@ -54,14 +54,32 @@ static inline double dnbn_alexeyab_delta_inv(double var) { return 1.0 / (sqrt(va
 #define dnbn_kernel_delta_inv dnbn_pjreddie_delta_inv
 #endif
 
-/* A layer pass that touches at least this many bytes (all the tensors it
- * reads and writes) writes with non-temporal stores: its data would not stay
- * in a last-level cache of typical size until the next pass anyway, and
- * below that, keeping the output in cache is worth more. */
-#ifndef DNBN_STREAM_MB
-#define DNBN_STREAM_MB 24
-#endif
-#define DNBN_STREAM_BYTES ((idx_t)DNBN_STREAM_MB << 20)
+/* ---- tuning (tuning.c) ----------------------------------------------------
+ * The machine-dependent choices, made at run time on the machine that runs. */
+
+/* Input bytes of a channel group: one core's L2 (or DARKNET_BN_GROUP_KB). */
+idx_t dnbn_group_bytes(void);
+
+/* The least work (element operations) worth one more thread; calibrated at
+ * the first call that could use `threads` > 1 (or DARKNET_BN_MIN_WORK). */
+idx_t dnbn_min_work_per_thread(int threads);
+
+/* Streaming (non-temporal) stores for a pass: begin returns whether to use
+ * them and, while the choice for this kind of pass, size and thread count is
+ * still being timed, starts the clock; end stops it. */
+enum { DNBN_PASS_FORWARD_TRAIN, DNBN_PASS_FORWARD_INFER, DNBN_PASS_BACKWARD, DNBN_PASS_FILL,
+       DNBN_PASS_FORWARD_APPLY, DNBN_PASS_BACKWARD_APPLY, DNBN_PASSES };
+enum { DNBN_STREAM_AUTO, DNBN_STREAM_ALWAYS, DNBN_STREAM_NEVER };
+typedef struct dnbn_stream_trial {
+    int slot, stream;
+    double start;
+} dnbn_stream_trial;
+int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threads, int layout_ok);
+void dnbn_stream_end(const dnbn_stream_trial *trial);
+
+/* For tests and benchmarks: fix a choice for the rest of the process. */
+void dnbn_tuning_set_min_work(idx_t work);
+void dnbn_tuning_set_stream(int mode);
 
 /* Upper bound of the thread count, and so of work units per channel split. */
 #define DNBN_MAX_THREADS 256
@@ -146,11 +164,13 @@ typedef void (*dnbn_run_fn)(void *ctx, idx_t f, idx_t offset, idx_t len);
 void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx);
 
 /* ---- threads -------------------------------------------------------------
- * Runs fn(ctx, lo, hi) over [0, n) cut into at most `threads` contiguous
- * ranges, the calling thread taking the first, the others on the pool's
- * persistent workers (threads.c); it returns when all are done. Reentrant
- * from several caller threads (a call that finds the pool busy uses threads
- * of its own) and fork-safe. If a thread cannot be created, fewer ranges. */
+ * Runs fn(ctx, lo, hi) over [0, n) in chunks, on the calling thread and on up
+ * to `threads` - 1 of the pool's persistent workers (threads.c): chunks are
+ * claimed from a shared counter, so a worker that wakes late does less and the
+ * call never waits for a worker to wake. It returns when all chunks are done.
+ * Which thread runs which chunk is not fixed. Reentrant from several caller
+ * threads (a call that finds the pool busy uses threads of its own) and
+ * fork-safe. If a thread cannot be created, fewer threads. */
 typedef void (*dnbn_range_fn)(void *ctx, idx_t lo, idx_t hi);
 void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx);
 

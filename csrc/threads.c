@@ -12,20 +12,21 @@
 
 #include "internal.h"
 
-/* Below this many element operations per thread a call stays on one thread:
- * creating a thread costs about as much as touching this many floats. */
-#define MIN_WORK_PER_THREAD ((idx_t)1 << 17)
-
 static atomic_int num_threads; /* 0 until first read: then the default */
 
 /* ---- the pool ----
  * Workers 1 .. workers-1 are created on first use and sleep on a condition
  * variable between calls (no spinning: they leave the cores to others). A
- * call posts a job, a new generation wakes them, worker k runs range k of
- * `parts` while the caller runs range 0, and the caller sleeps until the last
- * one is done. One caller owns the pool at a time (`busy`); a concurrent
- * caller runs on transient threads instead. Workers above the thread setting
- * exit when it is lowered. fork(): the prepare handler takes the lock, so the
+ * call posts a job and a new generation wakes them; the range [0, n) is then
+ * handed out in chunks from a shared counter, to the caller and to every
+ * worker that wakes while chunks are left. The caller starts at once and never
+ * waits for a worker to wake: a worker that comes late (its core busy with
+ * other threads, say another library's spinning workers) finds the job closed
+ * and goes back to sleep, so more threads cost at most the wake-up call. The
+ * caller then sleeps until the workers that joined have finished their
+ * chunks. One caller owns the pool at a time (`busy`); a concurrent caller
+ * runs on transient threads instead. Workers above the thread setting exit
+ * when it is lowered. fork(): the prepare handler takes the lock, so the
  * child inherits a consistent pool; its workers do not exist there, so the
  * child starts with none (and no owner) and creates them again on first use. */
 static struct {
@@ -34,14 +35,26 @@ static struct {
     int workers;              /* started worker threads, numbered 1 .. workers */
     int busy;                 /* a caller owns the pool */
     unsigned long generation; /* bumped per job */
-    int parts, pending;       /* the job's ranges; workers still running it */
+    int parts;                /* threads the job may use: workers 1 .. parts-1 may join */
+    int open;                 /* workers may still join the job */
+    int joined;               /* workers inside the job */
     dnbn_range_fn fn;
     void *ctx;
-    idx_t n;
+    idx_t n, chunk;
+    atomic_llong next;                    /* the next unclaimed index of [0, n) */
     unsigned long born[DNBN_MAX_THREADS]; /* generation when worker k was created: its first job is the next */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL,
-          NULL, 0, {0}};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, NULL,
+          NULL, 0, 0, 0, {0}};
 
+/* Claims chunks of the current job until none is left. */
+static void run_chunks(dnbn_range_fn fn, void *ctx, idx_t n, idx_t chunk)
+{
+    for (;;) {
+        idx_t lo = (idx_t)atomic_fetch_add(&pool.next, chunk);
+        if (lo >= n) return;
+        fn(ctx, lo, lo + chunk < n ? lo + chunk : n);
+    }
+}
 
 static int default_threads(void)
 {
@@ -81,8 +94,9 @@ int dnbn_get_num_threads(void)
 
 int dnbn_threads_for(idx_t work)
 {
-    idx_t t = work / MIN_WORK_PER_THREAD;
     int n = dnbn_get_num_threads();
+    if (n < 2) return 1;
+    idx_t t = work / dnbn_min_work_per_thread(n);
     if (t < 1) return 1;
     return t < n ? (int)t : n;
 }
@@ -141,14 +155,15 @@ static void *worker_main(void *arg)
             continue;
         }
         seen = pool.generation;
-        if (k >= pool.parts) continue;
+        if (!pool.open || k >= pool.parts) continue; /* too late, or not wanted */
+        pool.joined++;
         dnbn_range_fn fn = pool.fn;
         void *ctx = pool.ctx;
-        idx_t lo = pool.n * k / pool.parts, hi = pool.n * (k + 1) / pool.parts;
+        idx_t n = pool.n, chunk = pool.chunk;
         pthread_mutex_unlock(&pool.lock);
-        fn(ctx, lo, hi);
+        run_chunks(fn, ctx, n, chunk);
         pthread_mutex_lock(&pool.lock);
-        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+        if (--pool.joined == 0 && !pool.open) pthread_cond_signal(&pool.done);
     }
 }
 
@@ -158,7 +173,8 @@ static void fork_child(void)
 {
     pool.workers = 0;
     pool.busy = 0;
-    pool.pending = 0;
+    pool.open = 0;
+    pool.joined = 0;
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
     pthread_mutex_unlock(&pool.lock);
@@ -201,19 +217,26 @@ void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
         return;
     }
     int workers = grow_pool(threads);
-    if (workers < threads - 1) threads = workers + 1; /* could not start them all: fewer, larger ranges */
+    if (workers < threads - 1) threads = workers + 1; /* could not start them all */
     pool.busy = 1;
     pool.fn = fn, pool.ctx = ctx, pool.n = n;
+    /* about four chunks per thread: late joiners still find work, and no
+     * thread waits long for the last chunk */
+    idx_t chunk = n / (4 * (idx_t)threads) > 1 ? n / (4 * (idx_t)threads) : 1;
+    pool.chunk = chunk;
+    atomic_store(&pool.next, 0);
     pool.parts = threads;
-    pool.pending = threads - 1;
+    pool.open = 1;
+    pool.joined = 0;
     pool.generation++;
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    fn(ctx, 0, n / threads);
+    run_chunks(fn, ctx, n, chunk);
 
     pthread_mutex_lock(&pool.lock);
-    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.lock);
+    pool.open = 0; /* the counter is spent: nobody else joins */
+    while (pool.joined > 0) pthread_cond_wait(&pool.done, &pool.lock);
     pool.busy = 0;
     pthread_mutex_unlock(&pool.lock);
 }

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The environment variables that change what the library chooses.
+ENV_SETTINGS = ("DARKNET_BN_NUM_THREADS", "DARKNET_BN_SIMD", "DARKNET_BN_GROUP_KB", "DARKNET_BN_MIN_WORK",
+                "DARKNET_BN_STREAM")
+
+
 def info_report() -> Dict[str, object]:
     """What ``info`` prints: :func:`darknet_bn.info` and the settings' environment variables."""
     import darknet_bn
@@ -76,7 +81,7 @@ def info_report() -> Dict[str, object]:
     report: Dict[str, object] = dict(darknet_bn.info())
     report["package_version"] = darknet_bn.__version__
     report["usable_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    report["env"] = {name: os.environ.get(name) for name in ("DARKNET_BN_NUM_THREADS", "DARKNET_BN_SIMD")}
+    report["env"] = {name: os.environ.get(name) for name in ENV_SETTINGS}
     return report
 
 
@@ -91,6 +96,16 @@ def run_info(as_json: bool) -> int:
     print(f"darknet_bn {report['version']}")
     print(f"simd:         {report['simd']}")
     print(f"threads:      {report['threads']} (usable cores: {report['usable_cores']})")
+    tuning = report["tuning"]
+    assert isinstance(tuning, dict)
+    print(f"caches:       L2 {tuning['l2_bytes'] >> 10} KiB, L3 {tuning['l3_bytes'] >> 10} KiB (0: unknown)")
+    print(f"group:        {tuning['group_bytes'] >> 10} KiB per channel group ({tuning['group_source']})")
+    print(f"min work:     {tuning['min_work_per_thread']} values per extra thread ({tuning['min_work_source']}; "
+          f"wake-up {tuning['wake_us']} us, {tuning['value_ns']} ns per value)")
+    print(f"streaming:    {tuning['stream']} ({tuning['stream_source']})")
+    for d in tuning["stream_decisions"]:
+        print(f"  {d['pass']:<15} >= {d['bytes_at_least'] >> 20} MiB, {d['threads']} thread(s): {d['choice']} "
+              f"(plain {d['plain_ms']:.3f} ms, stream {d['stream_ms']:.3f} ms)")
     for name, value in env.items():
         print(f"{name}: {value if value is not None else '(not set)'}")
     return 0

@@ -1,6 +1,7 @@
 """Library-wide settings: thread count and build information."""
 from __future__ import annotations
 
+import json
 from typing import Any, Dict
 
 from . import _validate
@@ -21,10 +22,36 @@ def get_num_threads() -> int:
     return int(lib.dnbn_get_num_threads())
 
 
+def tuning() -> Dict[str, Any]:
+    """Return the choices the library made for this machine (docs/reference.md §5).
+
+    Keys: ``simd``; ``l2_bytes`` and ``l3_bytes`` as the system reports them
+    (0: unknown); ``group_bytes`` (input bytes of a channel group) and
+    ``group_source``; ``min_work_per_thread`` (the least values per extra
+    thread), ``min_work_source``, and the measurements it comes from,
+    ``wake_us`` (a sleeping worker's wake-up) and ``value_ns`` (time per
+    value); ``stream`` ("auto", "always" or "never"), ``stream_source``,
+    ``stream_min_bytes`` and ``stream_decisions``: one entry per kind of pass,
+    size class (``bytes_at_least``) and thread count met so far, with its
+    ``choice`` ("trying", "plain" or "stream") and the fastest time measured
+    with each (``plain_ms``, ``stream_ms``).
+    """
+    size = int(lib.dnbn_tuning_report(ffi.NULL, 0)) + 1
+    for _ in range(4):  # decisions may be added between the two calls
+        buf = ffi.new("char[]", size)
+        need = int(lib.dnbn_tuning_report(buf, size))
+        if need < size:
+            return dict(json.loads(ffi.string(buf).decode()))
+        size = need + 256
+    raise RuntimeError("the tuning report kept growing")
+
+
 def info() -> Dict[str, Any]:
-    """Return the library's version, instruction-set path ("avx2" or "generic") and thread count."""
+    """Return the library's version, instruction-set path ("avx2" or "generic"),
+    thread count, and under ``tuning`` the machine-dependent choices (:func:`tuning`)."""
     return {
         "version": ffi.string(lib.dnbn_version()).decode(),
         "simd": ffi.string(lib.dnbn_simd_path()).decode(),
         "threads": get_num_threads(),
+        "tuning": tuning(),
     }

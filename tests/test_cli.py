@@ -54,7 +54,9 @@ def test_info_json_follows_the_environment():
     assert report["version"] == report["package_version"] == darknet_bn.__version__
     assert report["threads"] == 1
     assert report["simd"] == "generic"
-    assert report["env"] == {"DARKNET_BN_NUM_THREADS": "1", "DARKNET_BN_SIMD": "generic"}
+    assert report["env"] == {"DARKNET_BN_NUM_THREADS": "1", "DARKNET_BN_SIMD": "generic",
+                             "DARKNET_BN_GROUP_KB": None, "DARKNET_BN_MIN_WORK": None, "DARKNET_BN_STREAM": None}
+    assert report["tuning"]["simd"] == "generic"
     assert report["usable_cores"] >= 1
 
 
@@ -90,7 +92,9 @@ def test_bench_runs_through_the_cli(tmp_path):
 def test_main_info_in_process(capsys):
     assert cli.main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {k: report[k] for k in ("version", "simd", "threads")} == darknet_bn.info()
+    info = darknet_bn.info()
+    assert {k: report[k] for k in ("version", "simd", "threads")} == {k: info[k] for k in ("version", "simd", "threads")}
+    assert report["tuning"]["group_bytes"] == info["tuning"]["group_bytes"]
     assert cli.main(["info"]) == 0
     assert darknet_bn.info()["simd"] in capsys.readouterr().out
 

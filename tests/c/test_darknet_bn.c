@@ -1632,6 +1632,97 @@ static void test_info(void)
     }
 }
 
+/* The report's value of a numeric key, or -1 when absent. */
+static double report_number(const char *report, const char *key)
+{
+    char pattern[64];
+    snprintf(pattern, sizeof pattern, "\"%s\": ", key);
+    const char *at = strstr(report, pattern);
+    return at ? atof(at + strlen(pattern)) : -1;
+}
+
+/* The machine-dependent choices: the thread threshold is calibrated at the first parallel call (measured
+ * wake-up), the report is well formed and says so, and streaming stores change no value. */
+static void test_tuning(void)
+{
+    g_test = __func__;
+    const char *tn = "tuning";
+    char report[8192];
+    int saved = dnbn_get_num_threads();
+    dnbn_set_num_threads(2);
+    dnbn_layer *l = dnbn_make_batchnorm_layer(4, 64, 64, 16);
+    if (!check_true(tn, "dnbn_make_batchnorm_layer", l != NULL)) return;
+    dnbn_network net = {.input = l->output, .delta = NULL, .train = 1};
+    check_int(tn, "a parallel forward", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
+    int need = dnbn_tuning_report(NULL, 0);
+    check_true(tn, "report length without a buffer", need > 100 && need < (int)sizeof report);
+    check_int(tn, "report length with a buffer", dnbn_tuning_report(report, sizeof report), need);
+    check_int(tn, "report is NUL-terminated where its length says", (long)strlen(report), need);
+    char small[16];
+    check_int(tn, "a short buffer gets the length still", dnbn_tuning_report(small, sizeof small), need);
+    check_int(tn, "and a truncated, terminated text", (long)strlen(small), (long)sizeof small - 1);
+    if (!getenv("DARKNET_BN_MIN_WORK")) {
+        check_true(tn, "thread threshold calibrated at the first parallel call",
+                   strstr(report, "\"min_work_source\": \"calibrated\"") != NULL);
+        check_true(tn, "a measured wake-up time", report_number(report, "wake_us") > 0);
+        check_true(tn, "a measured time per value", report_number(report, "value_ns") > 0);
+    }
+    double mw = report_number(report, "min_work_per_thread");
+    check_true(tn, "threshold within its bounds", mw >= 4096 && mw <= 4194304);
+    check_true(tn, "group bytes within its bounds",
+               report_number(report, "group_bytes") >= 262144 || getenv("DARKNET_BN_GROUP_KB"));
+    check_true(tn, "a JSON object", report[0] == '{' && report[need - 1] == '}');
+    dnbn_free_batchnorm_layer(l);
+
+    /* streaming stores: the same bits; 2x8x256x256 touches 4 tensors of 4 MB in a training forward */
+    l = dnbn_make_batchnorm_layer(2, 256, 256, 8);
+    if (!check_true(tn, "dnbn_make_batchnorm_layer (4 MB)", l != NULL)) return;
+    size_t n = (size_t)2 * l->outputs;
+    float *in = malloc(n * sizeof *in), *dy = malloc(n * sizeof *dy), *got[2][4];
+    rng_t r;
+    rng_init(&r, 7);
+    for (size_t i = 0; i < n; i++) in[i] = (float)(rng_gauss(&r) * 2 + 0.5), dy[i] = (float)rng_gauss(&r);
+    for (int mode = 0; mode < 2; mode++) {
+        dnbn_tuning_set_stream(mode ? DNBN_STREAM_ALWAYS : DNBN_STREAM_NEVER);
+        dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-5f, 0.1f);
+        dnbn_network tr = {.input = in, .delta = NULL, .train = 1}, inf = {.input = in, .delta = NULL, .train = 0};
+        check_int(tn, "forward (train)", dnbn_forward_batchnorm_layer(l, tr), DNBN_OK);
+        for (int k = 0; k < 3; k++) got[mode][k] = malloc(n * sizeof(float));
+        memcpy(got[mode][0], l->output, n * sizeof(float));
+        memcpy(got[mode][1], l->x_norm, n * sizeof(float));
+        memcpy(l->delta, dy, n * sizeof(float));
+        check_int(tn, "backward", dnbn_backward_batchnorm_layer(l, tr), DNBN_OK);
+        memcpy(got[mode][2], l->delta, n * sizeof(float));
+        check_int(tn, "forward (infer)", dnbn_forward_batchnorm_layer(l, inf), DNBN_OK);
+        got[mode][3] = malloc(n * sizeof(float));
+        memcpy(got[mode][3], l->output, n * sizeof(float));
+    }
+    const char *what[4] = {"output", "x_norm", "input delta", "inference output"};
+    for (int k = 0; k < 4; k++) {
+        char label[64];
+        snprintf(label, sizeof label, "%s: streaming stores write the same bits", what[k]);
+        check_true(tn, label, memcmp(got[0][k], got[1][k], n * sizeof(float)) == 0);
+        free(got[0][k]);
+        free(got[1][k]);
+    }
+    /* auto: the first calls of a pass alternate, then one choice is kept */
+    dnbn_tuning_set_stream(DNBN_STREAM_AUTO);
+    dnbn_network tr = {.input = in, .delta = NULL, .train = 1};
+    for (int k = 0; k < 8; k++) dnbn_forward_batchnorm_layer(l, tr);
+    dnbn_tuning_report(report, sizeof report);
+    const char *entry = strstr(report, "{\"pass\": \"forward_train\", \"bytes_at_least\": 16777216, \"threads\": 2");
+    check_true(tn, "auto: the 16 MB training forward has an entry", entry != NULL);
+    check_true(tn, "auto: decided after 7 calls",
+               entry && (strncmp(strstr(entry, "\"choice\": ") + 10, "\"stream\"", 8) == 0 ||
+                         strncmp(strstr(entry, "\"choice\": ") + 10, "\"plain\"", 7) == 0));
+    free(in);
+    free(dy);
+    dnbn_free_batchnorm_layer(l);
+    dnbn_set_num_threads(saved);
+    /* the rest of the tests name work splits: a fixed threshold, the same on every machine */
+    dnbn_tuning_set_min_work(65536);
+}
+
 /* set_numerics rejects bad arguments (DNBN_ERR_ARG, nothing changed), resets running stats, uses its eps/momentum. */
 static void test_set_numerics(void)
 {
@@ -2125,6 +2216,7 @@ int main(void)
 
     test_info();
     test_threads_setting();
+    test_tuning();
 
     static const kshape kshapes[] = {
         {"64x1024x1 (fully connected)", 64, 1024, 1},
