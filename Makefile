@@ -6,9 +6,12 @@
 #                 environment (.venv) with the package and its extras, then pytest
 #   make demo     the batch-norm paper's experiment on MNIST, and data-parallel SyncBN vs per-rank BN
 #                 (python -m darknet_bn.demo)
-#   make bench    the Python benchmark against PyTorch, NumPy and the reference path, then
-#                 synchronized batch norm on 2 ranks (MPI and gloo) against local batch norm
+#   make bench    the Python benchmark against PyTorch, NumPy and the reference path (1, 2 and all
+#                 cores; in a PyTorch process; channels-last; CNN and ResNet-18-like models, also with
+#                 OMP_WAIT_POLICY=PASSIVE) into docs/bench/<machine>/, then synchronized batch norm on
+#                 2 ranks (MPI and gloo) against local batch norm
 #   make bench-c  the C benchmark (every kernel and the layer vs the reference loops)
+#   make count-instructions  instructions per value of the layer's calls, counted by callgrind
 #   make mpi-example  the C phases over MPI on 3 ranks (examples/mpi_phases.c)
 #   make darknet-shim, make test-darknet, make bench-darknet   darknet_bn inside Debian's Darknet (below)
 #   make FLAVOR=alexeyab   also build/libdarknet_bn_alexeyab.{a,so}: the kernels with AlexeyAB's arithmetic
@@ -33,7 +36,7 @@ LIB_SRCS := $(sort $(wildcard csrc/*.c))
 LIB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 HEADERS := $(wildcard csrc/*.h)
 
-.PHONY: mpi-example fuzz all lib flavors darknet-shim darknet-installed test-darknet bench-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
+.PHONY: count-instructions mpi-example fuzz all lib flavors darknet-shim darknet-installed test-darknet bench-darknet test ctest sanitize valgrind tools pytest venv demo bench bench-c clean install uninstall dist-check
 
 FLAVOR ?= pjreddie
 ifeq ($(FLAVOR),alexeyab)
@@ -77,6 +80,9 @@ $(BUILD)/libdarknet_bn_alexeyab.so: $(ALEXEYAB_OBJS)
 flavors: $(ALEXEYAB_LIBS)
 
 $(BUILD)/bench_batchnorm: benchmarks/bench_batchnorm.c $(BUILD)/libdarknet_bn.a
+	$(CC) $(CFLAGS_LIB) -Icsrc $< $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
+
+$(BUILD)/count_instructions: benchmarks/count_instructions.c $(BUILD)/libdarknet_bn.a
 	$(CC) $(CFLAGS_LIB) -Icsrc $< $(BUILD)/libdarknet_bn.a -o $@ $(LDLIBS)
 
 $(BUILD)/test_darknet_bn: $(wildcard tests/c/*.c tests/c/*.h) $(BUILD)/libdarknet_bn.a
@@ -185,9 +191,16 @@ test: all flavors ctest sanitize fuzz valgrind tools pytest
 demo: venv
 	$(VPY) -m darknet_bn.demo $(DEMO_ARGS)
 
+BENCH_ARGS ?= --omp-passive
 bench: venv
 	$(VPY) -m darknet_bn.bench $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_distributed.py
+
+# Instructions per value of the layer's calls (callgrind; independent of the machine's load):
+# a fully connected shape (the spatial == 1 path) and a convolutional one.
+count-instructions: $(BUILD)/count_instructions
+	benchmarks/count_instructions.sh 64 1024 1 1 10
+	benchmarks/count_instructions.sh 8 128 52 52 3
 
 bench-c: $(BUILD)/bench_batchnorm
 	$(BUILD)/bench_batchnorm $(BENCH_C_ARGS)

@@ -141,52 +141,53 @@ int dnbn_batchnorm_layer_set_numerics(dnbn_layer *l, int numerics, float eps, fl
 
 int dnbn_batchnorm_layer_state(const dnbn_layer *l) { return l ? l->state : STATE_NONE; }
 
-/* ---- forward ---- */
-
-/* What a training forward leaves in the layer's state fields. */
-static void record_training(dnbn_layer *l)
-{
-    l->state = STATE_TRAINING;
-    l->trained = 1;
-    l->x_norm_current = l->keep_x_norm != 0;
-}
+/* ---- passes ----
+ * Every call is: validate, describe the pass (a `pass`: the partition and
+ * the tensors), then dnbn_parallel_for over the partition's units with one of
+ * the phase functions below, each a loop over units that calls the unit
+ * primitives (rows.inc.h), where the loops over values are:
+ *   public call -> dnbn_parallel_for -> phase (units) -> unit primitive.
+ * Per-channel numbers between phases live in the layer's scratch rows. */
 
 typedef struct pass {
     dnbn_layer *l;
     const dnbn_rows *r;
     const dnbn_part *pt;
-    const float *in; /* forward: the input; backward: dy */
-    int stream;      /* write activations with non-temporal stores */
-    float *x;        /* forward: where the input is kept (NULL when l->x is the input itself) */
-    double count;    /* backward: values per channel in the whole (maybe sharded) batch */
-    double *sums[2]; /* backward phase 1: per-channel outputs, or NULL */
+    const float *in;        /* forward: the input (fill: x); backward: dy */
+    float *x, *xn, *y;      /* forward outputs, each NULL when not written */
+    int stream;             /* write with non-temporal stores */
+    double count;           /* values per channel in the whole (maybe sharded) batch */
+    double (*partial)[3];   /* per unit, when channels are split in parts */
+    double *sums[2];        /* backward_sums: the caller's per-channel outputs */
     dnbn_stream_trial trial;
 } pass;
 
-/* Whether a pass over l touching `tensors` activation tensors streams its
- * output past the caches: when they are too large to stay in them anyway, and
- * rows are whole 64-byte lines (a line written partly by streaming and partly
- * by ordinary stores is slow on both). */
-static int streams(const dnbn_layer *l, int tensors, int kind, int threads, dnbn_stream_trial *trial)
+/* A pass over l reading `in`, for a call of the given kind touching `tensors`
+ * activation tensors in all (streaming stores are timed per kind, tuning.c). */
+static pass make_pass(dnbn_layer *l, const dnbn_part *pt, const float *in, int tensors, int kind)
 {
-    if (kind < 0) return trial->slot = -1, trial->stream = 0;
-    return dnbn_stream_begin(trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors, threads,
-                             (l->out_h * l->out_w) % 16 == 0 && l->out_h * l->out_w > 1);
+    pass p = {l, dnbn_rows_active(), pt, in, NULL, NULL, NULL, 0, (double)pt->m, NULL, {NULL, NULL}, {-1, 0, 0}};
+    /* streaming needs whole 64-byte lines per row: a line written partly by
+     * streaming and partly by ordinary stores is slow on both */
+    int rows_whole = pt->spatial % 16 == 0;
+    if (kind >= 0)
+        p.stream = dnbn_stream_begin(&p.trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors,
+                                     pt->threads, rows_whole);
+    return p;
 }
+
+/* ---- per-channel numbers ---- */
 
 /* Channel f's statistics from its moments: mean, variance, running stats, and
  * the normalizer kept for the elementwise pass and for backward. */
-static void finish_stats(void *arg, idx_t f, const double acc[3])
+static void finish_stats(dnbn_layer *l, idx_t f, double m, double mean, double m2)
 {
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    double m = acc[0], mean = acc[1], unbiased = acc[2] / (m - 1);
-    double var, inv;
+    double unbiased = m2 / (m - 1), var, inv;
     if (l->numerics == DNBN_NUMERICS_DARKNET) {
         var = unbiased; /* Darknet quirk: unbiased variance, epsilon outside the root */
         inv = dnbn_pjreddie_forward_inv(var);
     } else {
-        var = acc[2] / m;
+        var = m2 / m;
         inv = 1.0 / sqrt(var + (double)l->eps);
     }
     double mom = l->momentum;
@@ -199,225 +200,29 @@ static void finish_stats(void *arg, idx_t f, const double acc[3])
     sc[SC_INV] = inv;
 }
 
-static void train_run(void *arg, idx_t f, idx_t off, idx_t len)
+/* The inference normalizer: 1/(sqrt(rolling variance) + 1e-6) in darknet
+ * numerics, 1/sqrt(rolling variance + eps) in standard; the one place the
+ * library computes it (Python reads it through dnbn_batchnorm_normalizer). */
+static double infer_inv(int numerics, double eps, double rolling_variance)
 {
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    const double *sc = l->scratch + f * SC_WIDTH;
-    float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh);
-    p->r->forward_train(p->in + off, p->x ? p->x + off : NULL, l->keep_x_norm ? l->x_norm + off : NULL,
-                        l->output + off, len, mh, ml, (float)sc[SC_INV], l->scales[f], l->biases[f], p->stream);
+    return numerics == DNBN_NUMERICS_DARKNET ? dnbn_pjreddie_forward_inv(rolling_variance)
+                                             : 1.0 / sqrt(rolling_variance + eps);
 }
 
-static void train_map_unit(void *arg, idx_t unit)
+int dnbn_batchnorm_normalizer(int numerics, double eps, const double *variance, int n, double *inv)
 {
-    pass *p = arg;
-    dnbn_for_runs(p->pt, unit, train_run, p);
-}
-
-static void stats_unit(void *arg, idx_t unit, double (*acc)[3])
-{
-    pass *p = arg;
-    dnbn_unit_moments(p->r, p->pt, p->in, unit, acc);
-}
-
-/* parts == 1: whole channels per unit, statistics then transform. */
-static void train_fused_unit(void *arg, idx_t unit)
-{
-    pass *p = arg;
-    double acc[DNBN_MAX_GROUP][3];
-    idx_t f0 = dnbn_unit_first(p->pt, unit), n = dnbn_unit_channels(p->pt, unit);
-    stats_unit(arg, unit, acc);
-    for (idx_t j = 0; j < n; j++) finish_stats(arg, f0 + j, acc[j]);
-    train_map_unit(arg, unit);
-}
-
-static void infer_run(void *arg, idx_t f, idx_t off, idx_t len)
-{
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    float rm = l->rolling_mean[f];
-    double rv = l->rolling_variance[f];
-    double inv = l->numerics == DNBN_NUMERICS_DARKNET ? dnbn_pjreddie_forward_inv(rv)
-                                                      : 1.0 / sqrt(rv + (double)l->eps);
-    p->r->forward_infer(p->in + off, l->output + off, len, rm, 0.0f, (float)inv, l->scales[f], l->biases[f],
-                        p->stream);
-}
-
-static void infer_unit(void *arg, idx_t unit)
-{
-    pass *p = arg;
-    dnbn_for_runs(p->pt, unit, infer_run, p);
-}
-
-/* ---- spatial == 1: tiles of channels, vectorized across channels ---- */
-
-/* The forward pass's parameters of a tile: the mean as a sum of two floats,
- * and the normalizer, from the channels' scratch rows. */
-static void tile_params(const dnbn_layer *l, idx_t f0, idx_t n, float *mh, float *ml, float *inv)
-{
-    for (idx_t j = 0; j < n; j++) {
-        const double *sc = l->scratch + (f0 + j) * SC_WIDTH;
-        mh[j] = (float)sc[SC_MEAN];
-        ml[j] = (float)(sc[SC_MEAN] - mh[j]);
-        inv[j] = (float)sc[SC_INV];
-    }
-}
-
-/* The elementwise pass of a tile whose statistics are in the scratch rows. */
-static void train_apply_tile(void *arg, idx_t f0, idx_t n)
-{
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    float mh[DNBN_TILE], ml[DNBN_TILE], inv[DNBN_TILE];
-    tile_params(l, f0, n, mh, ml, inv);
-    for (idx_t b = 0; b < l->batch; b++) {
-        idx_t off = b * l->out_c + f0;
-        p->r->v_forward_train(p->in + off, p->x ? p->x + off : NULL, l->keep_x_norm ? l->x_norm + off : NULL,
-                              l->output + off, n, mh, ml, inv, l->scales + f0, l->biases + f0);
-    }
-}
-
-static void train_tile(void *arg, idx_t f0, idx_t n)
-{
-    pass *p = arg;
-    double mean[DNBN_TILE], m2[DNBN_TILE];
-    dnbn_tile_moments(p->r, p->in, p->l->batch, p->l->out_c, f0, n, mean, m2);
-    for (idx_t j = 0; j < n; j++) {
-        double acc[3] = {(double)p->l->batch, mean[j], m2[j]};
-        finish_stats(p, f0 + j, acc);
-    }
-    train_apply_tile(arg, f0, n);
-}
-
-static void infer_tile(void *arg, idx_t f0, idx_t n)
-{
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    float zero[DNBN_TILE] = {0}, inv[DNBN_TILE];
-    for (idx_t j = 0; j < n; j++) {
-        double rv = l->rolling_variance[f0 + j];
-        inv[j] = (float)(l->numerics == DNBN_NUMERICS_DARKNET ? dnbn_pjreddie_forward_inv(rv)
-                                                              : 1.0 / sqrt(rv + (double)l->eps));
-    }
-    for (idx_t b = 0; b < l->batch; b++) {
-        idx_t off = b * l->out_c + f0;
-        p->r->v_forward_infer(p->in + off, l->output + off, n, l->rolling_mean + f0, zero, inv, l->scales + f0,
-                              l->biases + f0);
-    }
-}
-
-/* A pass over l reading `in` and touching `tensors` activation tensors in
- * all: the partition and everything its units share. */
-static pass make_pass(dnbn_layer *l, const dnbn_part *pt, const float *in, int tensors, int kind)
-{
-    pass p = {l, dnbn_rows_active(), pt, in, 0, l->x == in ? NULL : l->x, (double)pt->m, {NULL, NULL}, {-1, 0, 0}};
-    p.stream = streams(l, tensors, kind, pt->threads, &p.trial);
-    return p;
-}
-
-int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
-{
-    if (!layer_ok(l) || !net.input || (net.train && !train_buffers_ok(l))) return DNBN_ERR_ARG;
-    int spatial = l->out_h * l->out_w;
-    if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
-    pass p = make_pass(l, &pt, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
-                       net.train ? DNBN_PASS_FORWARD_TRAIN : DNBN_PASS_FORWARD_INFER);
-    if (spatial == 1) {
-        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
-        dnbn_map_tiles(&t, net.train ? train_tile : infer_tile, &p);
-        if (net.train)
-            record_training(l);
-        else
-            l->state = STATE_INFERENCE;
-        dnbn_stream_end(&p.trial);
-        return DNBN_OK;
-    }
-    if (!net.train) {
-        if (spatial >= DNBN_ROW_ORDER_MIN_SPATIAL)
-            dnbn_map_rows(&pt, infer_run, &p);
-        else
-            dnbn_map_units(&pt, infer_unit, &p);
-        l->state = STATE_INFERENCE;
-        dnbn_stream_end(&p.trial);
-        return DNBN_OK;
-    }
-    if (pt.parts == 1) {
-        dnbn_map_units(&pt, train_fused_unit, &p);
-    } else {
-        dnbn_reduce r = {stats_unit, dnbn_moments_merge, finish_stats, &p};
-        dnbn_reduce_channels(&pt, &r);
-        dnbn_map_units(&pt, train_map_unit, &p);
-    }
-    record_training(l);
-    dnbn_stream_end(&p.trial);
+    if ((numerics != DNBN_NUMERICS_DARKNET && numerics != DNBN_NUMERICS_STANDARD) || n < 0 ||
+        (n > 0 && (!variance || !inv)))
+        return DNBN_ERR_ARG;
+    if (numerics == DNBN_NUMERICS_STANDARD && !(eps >= 0 && isfinite(eps))) return DNBN_ERR_ARG;
+    for (int f = 0; f < n; f++) inv[f] = infer_inv(numerics, eps, variance[f]);
     return DNBN_OK;
-}
-
-/* ---- x_norm on request ---- */
-
-static void fill_run(void *arg, idx_t f, idx_t off, idx_t len)
-{
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    const double *sc = l->scratch + f * SC_WIDTH;
-    float mh = (float)sc[SC_MEAN], ml = (float)(sc[SC_MEAN] - mh), inv = (float)sc[SC_INV];
-    /* the forward's own arithmetic on x (= its input), x_norm only */
-    p->r->forward_train(l->x + off, NULL, l->x_norm + off, NULL, len, mh, ml, inv, 0.0f, 0.0f, p->stream);
-}
-
-static void fill_unit(void *arg, idx_t unit)
-{
-    pass *p = arg;
-    dnbn_for_runs(p->pt, unit, fill_run, p);
-}
-
-int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
-{
-    if (!layer_ok(l) || !l->x || !l->x_norm) return DNBN_ERR_ARG;
-    if (!l->trained) return DNBN_ERR_STATE;
-    /* spatial == 1 is the same arithmetic with runs of length 1 per channel:
-     * treat the tensor as (batch, filters, 1) through the generic partition. */
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
-    pass p = make_pass(l, &pt, NULL, 2, DNBN_PASS_FILL);
-    dnbn_map_units(&pt, fill_unit, &p);
-    l->x_norm_current = 1;
-    dnbn_stream_end(&p.trial);
-    return DNBN_OK;
-}
-
-/* ---- backward ---- */
-
-struct sums_ctx {
-    pass *p;
-    idx_t f0;
-    double (*acc)[3];
-};
-
-static void sums_run(void *arg, idx_t f, idx_t off, idx_t len)
-{
-    struct sums_ctx *c = arg;
-    double *acc = c->acc[f - c->f0];
-    c->p->r->sums_dev(c->p->in + off, c->p->l->x + off, len, c->p->l->scratch[f * SC_WIDTH + SC_MEAN], &acc[0],
-                      &acc[1]);
-}
-
-static void sums_unit(void *arg, idx_t unit, double (*acc)[3])
-{
-    pass *p = arg;
-    struct sums_ctx c = {p, dnbn_unit_first(p->pt, unit), acc};
-    for (idx_t j = 0; j < dnbn_unit_channels(p->pt, unit); j++) acc[j][0] = acc[j][1] = acc[j][2] = 0;
-    dnbn_for_runs(p->pt, unit, sums_run, &c);
 }
 
 /* Channel f's parameter gradients and the coefficients of
- * dx = dy*A + (x - mean)*B + C, from sum dy and sum dy*(x - mean). */
-static void finish_sums(void *arg, idx_t f, const double acc[3])
+ * dx = dy*A + (x - mean)*B + C, from sum dy and sum dy*(x - mean) over count values. */
+static void finish_sums(dnbn_layer *l, idx_t f, double count, double sum_dy, double sum_dy_dev)
 {
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    double sum_dy = acc[0], sum_dy_dev = acc[1], m = p->count;
     double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH, inv = sc[SC_INV];
     l->bias_updates[f] = (float)((double)l->bias_updates[f] + sum_dy);
     l->scale_updates[f] = (float)((double)l->scale_updates[f] + inv * sum_dy_dev); /* sum dy*x_norm */
@@ -430,102 +235,219 @@ static void finish_sums(void *arg, idx_t f, const double acc[3])
         if (l->mean_delta) l->mean_delta[f] = (float)md;
         if (l->variance_delta) l->variance_delta[f] = (float)vd;
         sc[SC_A] = gamma * r;
-        sc[SC_B] = vd * 2.0 / m;
-        sc[SC_C] = md / m;
+        sc[SC_B] = vd * 2.0 / count;
+        sc[SC_C] = md / count;
     } else {
         /* exact gradient: dx = gamma*inv*(dy - mean(dy) - x_hat*mean(dy*x_hat)) */
         double a = gamma * inv;
         if (l->mean_delta) l->mean_delta[f] = (float)(-a * sum_dy);
         if (l->variance_delta) l->variance_delta[f] = (float)(-0.5 * a * inv * inv * sum_dy_dev);
         sc[SC_A] = a;
-        sc[SC_B] = -a * inv * inv * sum_dy_dev / m;
-        sc[SC_C] = -a * sum_dy / m;
+        sc[SC_B] = -a * inv * inv * sum_dy_dev / count;
+        sc[SC_C] = -a * sum_dy / count;
     }
 }
 
-static void apply_run(void *arg, idx_t f, idx_t off, idx_t len)
+/* What a training forward leaves in the layer's state fields. */
+static void record_training(dnbn_layer *l)
 {
-    pass *p = arg;
-    const double *sc = p->l->scratch + f * SC_WIDTH;
-    p->r->backward_apply(p->l->delta + off, p->in + off, p->l->x + off, len, sc[SC_A], sc[SC_MEAN], sc[SC_B],
-                         sc[SC_C], p->stream);
+    l->state = STATE_TRAINING;
+    l->trained = 1;
+    l->x_norm_current = l->keep_x_norm != 0;
 }
 
-static void apply_unit(void *arg, idx_t unit)
-{
-    pass *p = arg;
-    dnbn_for_runs(p->pt, unit, apply_run, p);
-}
+/* ---- phases: each a loop over units [lo, hi) ---- */
 
-static void backward_fused_unit(void *arg, idx_t unit)
-{
-    pass *p = arg;
-    double acc[DNBN_MAX_GROUP][3];
-    idx_t f0 = dnbn_unit_first(p->pt, unit), n = dnbn_unit_channels(p->pt, unit);
-    sums_unit(arg, unit, acc);
-    for (idx_t j = 0; j < n; j++) finish_sums(arg, f0 + j, acc[j]);
-    apply_unit(arg, unit);
-}
-
-static void tile_means(const dnbn_layer *l, idx_t f0, idx_t n, double *k)
-{
-    for (idx_t j = 0; j < n; j++) k[j] = l->scratch[(f0 + j) * SC_WIDTH + SC_MEAN];
-}
-
-static void sums_tile(const pass *p, idx_t f0, idx_t n, double *s, double *sd)
-{
-    const dnbn_layer *l = p->l;
-    double k[DNBN_TILE];
-    tile_means(l, f0, n, k);
-    for (idx_t j = 0; j < n; j++) s[j] = sd[j] = 0;
-    for (idx_t i = 0; i < l->batch; i++) {
-        idx_t off = i * l->out_c + f0;
-        p->r->v_sums_dev(p->in + off, l->x + off, k, n, s, sd);
-    }
-}
-
-/* The input delta of a tile whose coefficients are in the scratch rows. */
-static void apply_tile(void *arg, idx_t f0, idx_t n)
+/* Forward with whole channels per unit: moments, statistics, then the
+ * elementwise pass while the unit is in cache. */
+static void train_units(void *arg, idx_t lo, idx_t hi)
 {
     pass *p = arg;
     dnbn_layer *l = p->l;
-    double a[DNBN_TILE], k[DNBN_TILE], b[DNBN_TILE], c[DNBN_TILE];
-    tile_means(l, f0, n, k);
-    for (idx_t j = 0; j < n; j++) {
-        const double *sc = l->scratch + (f0 + j) * SC_WIDTH;
-        a[j] = sc[SC_A], b[j] = sc[SC_B], c[j] = sc[SC_C];
-    }
-    for (idx_t i = 0; i < l->batch; i++) {
-        idx_t off = i * l->out_c + f0;
-        p->r->v_backward_apply(l->delta + off, p->in + off, l->x + off, n, a, k, b, c);
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(p->pt, u);
+        double acc[DNBN_MAX_GROUP][3];
+        float mh[DNBN_MAX_GROUP], ml[DNBN_MAX_GROUP], inv[DNBN_MAX_GROUP];
+        p->r->unit_moments(p->in, p->pt, w, acc);
+        for (idx_t j = 0; j < w.nf; j++) {
+            finish_stats(l, w.f0 + j, acc[j][0], acc[j][1], acc[j][2]);
+            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
+            mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
+        }
+        p->r->unit_forward(p->in, p->x, p->xn, p->y, p->pt, w, mh, ml, inv, l->scales + w.f0, l->biases + w.f0,
+                           p->stream);
     }
 }
 
-static void backward_tile(void *arg, idx_t f0, idx_t n)
+/* Moments of split channels, one partial per unit. */
+static void moments_units(void *arg, idx_t lo, idx_t hi)
 {
     pass *p = arg;
-    double s[DNBN_TILE], sd[DNBN_TILE];
-    sums_tile(p, f0, n, s, sd);
-    for (idx_t j = 0; j < n; j++) {
-        double acc[3] = {s[j], sd[j], 0};
-        finish_sums(p, f0 + j, acc);
+    for (idx_t u = lo; u < hi; u++) p->r->unit_moments(p->in, p->pt, dnbn_unit_at(p->pt, u), &p->partial[u]);
+}
+
+/* The elementwise forward pass with the statistics in the scratch rows (the
+ * mean as a sum of two floats, and the normalizer). */
+static void forward_units(void *arg, idx_t lo, idx_t hi)
+{
+    pass *p = arg;
+    dnbn_layer *l = p->l;
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(p->pt, u);
+        float mh[DNBN_MAX_GROUP], ml[DNBN_MAX_GROUP], inv[DNBN_MAX_GROUP];
+        for (idx_t j = 0; j < w.nf; j++) {
+            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
+            mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
+        }
+        p->r->unit_forward(p->in, p->x, p->xn, p->y, p->pt, w, mh, ml, inv, l->scales + w.f0, l->biases + w.f0,
+                           p->stream);
     }
-    apply_tile(arg, f0, n);
 }
 
-/* Phase 1 of a sharded backward: the sums go out instead of into the layer. */
-static void sums_out_tile(void *arg, idx_t f0, idx_t n)
+/* Inference: running statistics. */
+static void infer_units(void *arg, idx_t lo, idx_t hi)
 {
     pass *p = arg;
-    sums_tile(p, f0, n, p->sums[0] + f0, p->sums[1] + f0);
+    dnbn_layer *l = p->l;
+    static const float zero[DNBN_MAX_GROUP];
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(p->pt, u);
+        float inv[DNBN_MAX_GROUP];
+        for (idx_t j = 0; j < w.nf; j++) inv[j] = (float)infer_inv(l->numerics, l->eps, l->rolling_variance[w.f0 + j]);
+        p->r->unit_forward(p->in, NULL, NULL, p->y, p->pt, w, l->rolling_mean + w.f0, zero, inv, l->scales + w.f0,
+                           l->biases + w.f0, p->stream);
+    }
 }
 
-static void sums_out_finish(void *arg, idx_t f, const double acc[3])
+/* The batch means of a unit's channels, the shift of the backward sums. */
+static void unit_means(const dnbn_layer *l, dnbn_unit w, double *k)
+{
+    for (idx_t j = 0; j < w.nf; j++) k[j] = l->scratch[(w.f0 + j) * SC_WIDTH + SC_MEAN];
+}
+
+/* Backward with whole channels per unit: the sums, the coefficients, then the
+ * input delta while the unit is in cache. */
+static void backward_units(void *arg, idx_t lo, idx_t hi)
 {
     pass *p = arg;
-    p->sums[0][f] = acc[0];
-    p->sums[1][f] = acc[1];
+    dnbn_layer *l = p->l;
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(p->pt, u);
+        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP] = {0}, sd[DNBN_MAX_GROUP] = {0};
+        double a[DNBN_MAX_GROUP], b[DNBN_MAX_GROUP], c[DNBN_MAX_GROUP];
+        unit_means(l, w, k);
+        p->r->unit_sums(p->in, l->x, p->pt, w, k, s, sd);
+        for (idx_t j = 0; j < w.nf; j++) {
+            finish_sums(l, w.f0 + j, p->count, s[j], sd[j]);
+            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
+            a[j] = sc[SC_A], b[j] = sc[SC_B], c[j] = sc[SC_C];
+        }
+        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->stream);
+    }
 }
+
+/* The backward sums: one partial per unit for split channels, else straight
+ * into the caller's arrays (p->sums). */
+static void sums_units(void *arg, idx_t lo, idx_t hi)
+{
+    pass *p = arg;
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(p->pt, u);
+        double k[DNBN_MAX_GROUP];
+        unit_means(p->l, w, k);
+        double *s = p->partial ? &p->partial[u][0] : p->sums[0] + w.f0;
+        double *sd = p->partial ? &p->partial[u][1] : p->sums[1] + w.f0;
+        for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0; /* nf == 1 with partials */
+        p->r->unit_sums(p->in, p->l->x, p->pt, w, k, s, sd);
+    }
+}
+
+/* The input delta with the coefficients in the scratch rows. */
+static void delta_units(void *arg, idx_t lo, idx_t hi)
+{
+    pass *p = arg;
+    dnbn_layer *l = p->l;
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(p->pt, u);
+        double a[DNBN_MAX_GROUP], k[DNBN_MAX_GROUP], b[DNBN_MAX_GROUP], c[DNBN_MAX_GROUP];
+        for (idx_t j = 0; j < w.nf; j++) {
+            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
+            a[j] = sc[SC_A], k[j] = sc[SC_MEAN], b[j] = sc[SC_B], c[j] = sc[SC_C];
+        }
+        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->stream);
+    }
+}
+
+/* Split channels: merges the parts of each channel's partials, in part order,
+ * into partial[f * parts] (moments by Chan's rule, sums by addition). */
+static void merge_parts(const dnbn_part *pt, double (*partial)[3], int moments)
+{
+    for (idx_t f = 0; f < pt->filters; f++)
+        for (idx_t q = 1; q < pt->parts; q++) {
+            double *acc = partial[f * pt->parts];
+            const double *b = partial[f * pt->parts + q];
+            if (moments)
+                dnbn_moments_merge(acc, b);
+            else
+                acc[0] += b[0], acc[1] += b[1];
+        }
+}
+
+/* parts > 1 only when filters < threads <= DNBN_MAX_THREADS, so fewer units than this. */
+#define MAX_PARTIALS (2 * DNBN_MAX_THREADS)
+
+/* ---- forward ---- */
+
+int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
+{
+    if (!layer_ok(l) || !net.input || (net.train && !train_buffers_ok(l))) return DNBN_ERR_ARG;
+    int spatial = l->out_h * l->out_w;
+    if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
+    pass p = make_pass(l, &pt, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
+                       net.train ? DNBN_PASS_FORWARD_TRAIN : DNBN_PASS_FORWARD_INFER);
+    p.y = l->output;
+    if (!net.train) {
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, infer_units, &p);
+        l->state = STATE_INFERENCE;
+    } else {
+        p.x = l->x == net.input ? NULL : l->x;
+        p.xn = l->keep_x_norm ? l->x_norm : NULL;
+        if (pt.parts == 1) {
+            dnbn_parallel_for(dnbn_units(&pt), pt.threads, train_units, &p);
+        } else {
+            double partial[MAX_PARTIALS][3];
+            p.partial = partial;
+            dnbn_parallel_for(dnbn_units(&pt), pt.threads, moments_units, &p);
+            merge_parts(&pt, partial, 1);
+            for (idx_t f = 0; f < pt.filters; f++) {
+                const double *acc = partial[f * pt.parts];
+                finish_stats(l, f, acc[0], acc[1], acc[2]);
+            }
+            dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
+        }
+        record_training(l);
+    }
+    dnbn_stream_end(&p.trial);
+    return DNBN_OK;
+}
+
+/* ---- x_norm on request ---- */
+
+int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
+{
+    if (!layer_ok(l) || !l->x || !l->x_norm) return DNBN_ERR_ARG;
+    if (!l->trained) return DNBN_ERR_STATE;
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    pass p = make_pass(l, &pt, l->x, 2, DNBN_PASS_FILL);
+    p.xn = l->x_norm; /* the forward's own arithmetic on x (= its input), x_norm only */
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
+    l->x_norm_current = 1;
+    dnbn_stream_end(&p.trial);
+    return DNBN_OK;
+}
+
+/* ---- backward ---- */
 
 int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
 {
@@ -533,15 +455,16 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD);
-    if (l->out_h * l->out_w == 1) {
-        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
-        dnbn_map_tiles(&t, backward_tile, &p);
-    } else if (pt.parts == 1) {
-        dnbn_map_units(&pt, backward_fused_unit, &p);
+    if (pt.parts == 1) {
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, backward_units, &p);
     } else {
-        dnbn_reduce r = {sums_unit, NULL, finish_sums, &p};
-        dnbn_reduce_channels(&pt, &r);
-        dnbn_map_units(&pt, apply_unit, &p);
+        double partial[MAX_PARTIALS][3];
+        p.partial = partial;
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, sums_units, &p);
+        merge_parts(&pt, partial, 0);
+        for (idx_t f = 0; f < pt.filters; f++)
+            finish_sums(l, f, p.count, partial[f * pt.parts][0], partial[f * pt.parts][1]);
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, delta_units, &p);
     }
     dnbn_stream_end(&p.trial);
     return DNBN_OK;
@@ -563,19 +486,13 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
                                     const double *m2)
 {
     if (!layer_ok(l) || !train_buffers_ok(l) || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
-    int spatial = l->out_h * l->out_w;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
-    for (idx_t f = 0; f < l->out_c; f++) {
-        double acc[3] = {count, mean[f], m2[f]};
-        finish_stats(&p, f, acc);
-    }
-    if (spatial == 1) {
-        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
-        dnbn_map_tiles(&t, train_apply_tile, &p);
-    } else {
-        dnbn_map_units(&pt, train_map_unit, &p);
-    }
+    for (idx_t f = 0; f < l->out_c; f++) finish_stats(l, f, count, mean[f], m2[f]);
+    p.x = l->x == input ? NULL : l->x;
+    p.xn = l->keep_x_norm ? l->x_norm : NULL;
+    p.y = l->output;
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
     record_training(l);
     dnbn_stream_end(&p.trial);
     return DNBN_OK;
@@ -588,14 +505,15 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, delta_in, 0, -1);
+    double partial[MAX_PARTIALS][3];
     p.sums[0] = sum_dy;
     p.sums[1] = sum_dy_dev;
-    if (l->out_h * l->out_w == 1) {
-        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
-        dnbn_map_tiles(&t, sums_out_tile, &p);
-    } else {
-        dnbn_reduce r = {sums_unit, NULL, sums_out_finish, &p};
-        dnbn_reduce_channels(&pt, &r);
+    p.partial = pt.parts > 1 ? partial : NULL;
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, sums_units, &p);
+    if (p.partial) {
+        merge_parts(&pt, partial, 0);
+        for (idx_t f = 0; f < pt.filters; f++)
+            sum_dy[f] = partial[f * pt.parts][0], sum_dy_dev[f] = partial[f * pt.parts][1];
     }
     return DNBN_OK;
 }
@@ -609,16 +527,8 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
     pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
     p.count = count;
-    for (idx_t f = 0; f < l->out_c; f++) {
-        double acc[3] = {sum_dy[f], sum_dy_dev[f], 0};
-        finish_sums(&p, f, acc);
-    }
-    if (l->out_h * l->out_w == 1) {
-        dnbn_tiles t = dnbn_tile_partition(l->batch, l->out_c);
-        dnbn_map_tiles(&t, apply_tile, &p);
-    } else {
-        dnbn_map_units(&pt, apply_unit, &p);
-    }
+    for (idx_t f = 0; f < l->out_c; f++) finish_sums(l, f, count, sum_dy[f], sum_dy_dev[f]);
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, delta_units, &p);
     dnbn_stream_end(&p.trial);
     return DNBN_OK;
 }

@@ -6,10 +6,6 @@
 
 #include "internal.h"
 
-/* Values summed with one shift before the block is folded into the channel's
- * moments: bounds the cancellation in sum (x-k)^2 - (sum (x-k))^2 / n. */
-#define MOMENT_BLOCK 2048
-
 dnbn_part dnbn_partition(int batch, int filters, int spatial)
 {
     dnbn_part pt = {0};
@@ -21,6 +17,11 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial)
     pt.threads = dnbn_threads_for(pt.m * filters);
     pt.parts = 1;
     pt.group = 1;
+    if (spatial == 1) { /* tiles: the channels shared among the threads, in multiples of 8 */
+        idx_t per_thread = ((filters + pt.threads - 1) / pt.threads + 7) / 8 * 8;
+        pt.group = (int)(per_thread < DNBN_TILE ? per_thread : DNBN_TILE);
+        return pt;
+    }
     if (filters < pt.threads) {
         idx_t parts = (pt.threads + filters - 1) / filters;
         pt.parts = (int)(parts < pt.m ? parts : pt.m);
@@ -33,7 +34,7 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial)
     idx_t group = dnbn_group_bytes() / (pt.m * (idx_t)sizeof(float));
     idx_t balanced = filters / (2 * (idx_t)pt.threads); /* at least two units per thread */
     if (group > balanced) group = balanced;
-    if (group > DNBN_MAX_GROUP) group = DNBN_MAX_GROUP;
+    if (group > 64) group = 64; /* enough to make each image's stretch long */
     pt.group = group < 1 ? 1 : (int)group;
     return pt;
 }
@@ -45,6 +46,14 @@ idx_t dnbn_units(const dnbn_part *pt)
 }
 
 idx_t dnbn_unit_first(const dnbn_part *pt, idx_t unit) { return unit / pt->parts * pt->group; }
+
+dnbn_unit dnbn_unit_at(const dnbn_part *pt, idx_t unit)
+{
+    idx_t p = unit % pt->parts;
+    dnbn_unit w = {dnbn_unit_first(pt, unit), dnbn_unit_channels(pt, unit), pt->m * p / pt->parts,
+                   pt->m * (p + 1) / pt->parts};
+    return w;
+}
 
 idx_t dnbn_unit_channels(const dnbn_part *pt, idx_t unit)
 {
@@ -158,50 +167,6 @@ void dnbn_map_rows(const dnbn_part *pt, dnbn_run_fn fn, void *ctx)
     dnbn_parallel_for(pt->batch * pt->filters, pt->threads, rows_range, &job);
 }
 
-/* ---- moments ---- */
-
-void dnbn_moments_merge(double a[3], const double b[3])
-{
-    if (b[0] == 0) return;
-    if (a[0] == 0) {
-        a[0] = b[0], a[1] = b[1], a[2] = b[2];
-        return;
-    }
-    double n = a[0] + b[0], d = b[1] - a[1];
-    a[1] += d * (b[0] / n);
-    a[2] += b[2] + d * d * (a[0] * b[0] / n);
-    a[0] = n;
-}
-
-typedef struct moments_ctx {
-    const dnbn_rows *r;
-    const float *x;
-    idx_t f0;
-    double (*acc)[3];
-} moments_ctx;
-
-static void moments_run(void *arg, idx_t f, idx_t offset, idx_t len)
-{
-    moments_ctx *c = arg;
-    const float *x = c->x + offset;
-    double *acc = c->acc[f - c->f0];
-    for (idx_t i = 0; i < len; i += MOMENT_BLOCK) {
-        idx_t n = len - i < MOMENT_BLOCK ? len - i : MOMENT_BLOCK;
-        double k = x[i], s1, s2;
-        c->r->shifted_sums(x + i, n, k, &s1, &s2);
-        double m2 = s2 - s1 * (s1 / (double)n);
-        double block[3] = {(double)n, k + s1 / (double)n, m2 < 0 ? 0 : m2};
-        dnbn_moments_merge(acc, block);
-    }
-}
-
-void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double (*acc)[3])
-{
-    for (idx_t j = 0; j < dnbn_unit_channels(pt, unit); j++) acc[j][0] = acc[j][1] = acc[j][2] = 0;
-    moments_ctx c = {r, x, dnbn_unit_first(pt, unit), acc};
-    dnbn_for_runs(pt, unit, moments_run, &c);
-}
-
 /* ---- channel tiles ---- */
 
 dnbn_tiles dnbn_tile_partition(int batch, int filters)
@@ -239,56 +204,25 @@ void dnbn_map_tiles(const dnbn_tiles *t, void (*fn)(void *ctx, idx_t f0, idx_t n
     dnbn_parallel_for((t->filters + t->tile - 1) / t->tile, t->threads, tile_range, &job);
 }
 
-void dnbn_tile_moments(const dnbn_rows *r, const float *x, idx_t batch, idx_t filters, idx_t f0, idx_t n,
-                       double *mean, double *m2)
-{
-    double count = 0, s1[DNBN_TILE], s2[DNBN_TILE];
-    for (idx_t j = 0; j < n; j++) mean[j] = m2[j] = 0;
-    /* Blocks of rows share a shift: the block's first row. */
-    for (idx_t b0 = 0; b0 < batch; b0 += MOMENT_BLOCK) {
-        idx_t rows = batch - b0 < MOMENT_BLOCK ? batch - b0 : MOMENT_BLOCK;
-        const float *k = x + b0 * filters + f0;
-        for (idx_t j = 0; j < n; j++) s1[j] = s2[j] = 0;
-        for (idx_t b = b0; b < b0 + rows; b++) r->v_shifted_acc(x + b * filters + f0, k, n, s1, s2);
-        for (idx_t j = 0; j < n; j++) {
-            double bm2 = s2[j] - s1[j] * (s1[j] / (double)rows);
-            double acc[3] = {count, mean[j], m2[j]};
-            double block[3] = {(double)rows, k[j] + s1[j] / (double)rows, bm2 < 0 ? 0 : bm2};
-            dnbn_moments_merge(acc, block);
-            mean[j] = acc[1];
-            m2[j] = acc[2];
-        }
-        count += (double)rows;
-    }
-}
-
 /* ---- public statistics phase ---- */
 
-typedef struct public_moments_ctx {
+typedef struct public_moments {
     const dnbn_rows *r;
     const dnbn_part *pt;
     const float *x;
     double *mean, *m2;
-} public_moments_ctx;
+    double (*partial)[3]; /* per unit when channels are split in parts */
+} public_moments;
 
-static void public_moments_unit(void *arg, idx_t unit, double (*acc)[3])
+static void public_moments_units(void *arg, idx_t lo, idx_t hi)
 {
-    public_moments_ctx *c = arg;
-    dnbn_unit_moments(c->r, c->pt, c->x, unit, acc);
-}
-
-static void public_moments_finish(void *arg, idx_t f, const double acc[3])
-{
-    public_moments_ctx *c = arg;
-    c->mean[f] = acc[1];
-    c->m2[f] = acc[2];
-}
-
-/* spatial == 1: tiles of channels, vectorized across channels, as the layer's own statistics. */
-static void public_moments_tile(void *arg, idx_t f0, idx_t n)
-{
-    public_moments_ctx *c = arg;
-    dnbn_tile_moments(c->r, c->x, c->pt->batch, c->pt->filters, f0, n, c->mean + f0, c->m2 + f0);
+    public_moments *c = arg;
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(c->pt, u);
+        double acc[DNBN_MAX_GROUP][3];
+        c->r->unit_moments(c->x, c->pt, w, c->partial ? &c->partial[u] : acc);
+        for (idx_t j = 0; !c->partial && j < w.nf; j++) c->mean[w.f0 + j] = acc[j][1], c->m2[w.f0 + j] = acc[j][2];
+    }
 }
 
 void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2)
@@ -300,14 +234,14 @@ void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial,
     }
     if (!x) return;
     dnbn_part pt = dnbn_partition(batch, filters, spatial);
-    public_moments_ctx c = {dnbn_rows_active(), &pt, x, mean, m2};
-    if (spatial == 1) {
-        dnbn_tiles t = dnbn_tile_partition(batch, filters);
-        dnbn_map_tiles(&t, public_moments_tile, &c);
-        return;
+    double partial[2 * DNBN_MAX_THREADS][3]; /* parts > 1 only when filters < threads: fewer units than this */
+    public_moments c = {dnbn_rows_active(), &pt, x, mean, m2, pt.parts > 1 ? partial : NULL};
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, public_moments_units, &c);
+    for (idx_t f = 0; c.partial && f < filters; f++) {
+        for (idx_t p = 1; p < pt.parts; p++) dnbn_moments_merge(partial[f * pt.parts], partial[f * pt.parts + p]);
+        mean[f] = partial[f * pt.parts][1];
+        m2[f] = partial[f * pt.parts][2];
     }
-    dnbn_reduce r = {public_moments_unit, dnbn_moments_merge, public_moments_finish, &c};
-    dnbn_reduce_channels(&pt, &r);
 }
 
 void dnbn_batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,

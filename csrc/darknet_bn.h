@@ -293,6 +293,15 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
 int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double count, const double *sum_dy,
                                    const double *sum_dy_dev);
 
+/* The inference normalizer of n channels with the given (running) variances,
+ * as the layer's inference forward computes it (in double, from its float
+ * running variance): darknet numerics 1/(sqrt(variance) + 1e-6) (eps unused),
+ * standard 1/sqrt(variance + eps) (eps >= 0 and finite). inv[f] = that;
+ * DNBN_ERR_ARG for other numerics, a bad eps, n < 0 or NULL arrays when n > 0.
+ * The Python folding (darknet_bn.fold) and the PyTorch modules read it here,
+ * so the formula lives in one place. */
+int dnbn_batchnorm_normalizer(int numerics, double eps, const double *variance, int n, double *inv);
+
 /* ===== 5. Settings ========================================================= */
 
 /* Threads used by every kernel and layer call. Default: the cores this process

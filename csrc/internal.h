@@ -84,6 +84,35 @@ void dnbn_tuning_set_stream(int mode);
 /* Upper bound of the thread count, and so of work units per channel split. */
 #define DNBN_MAX_THREADS 256
 
+/* ---- partition -----------------------------------------------------------
+ * A tensor's channels are cut into work units. Normally a unit is a group of
+ * `group` consecutive channels, visited image by image: for each b the group's
+ * rows lie side by side in memory, so a unit reads long contiguous stretches
+ * (hardware prefetchers follow them) and a group's values fit in L2, where
+ * a second pass over the unit finds them. When there are fewer channels than
+ * threads, group == 1 and each channel is cut into `parts` equal pieces of
+ * its m values. When spatial == 1 (a fully connected layer) a unit is a tile
+ * of up to DNBN_TILE channels over the whole batch, vectorized across
+ * channels. Unit u is piece u % parts of channel group u / parts. */
+#define DNBN_TILE 256
+#define DNBN_MAX_GROUP DNBN_TILE
+
+typedef struct dnbn_part {
+    idx_t batch, filters, spatial, m;
+    int parts;   /* pieces per channel (> 1 only when group == 1) */
+    int group;   /* channels per unit */
+    int threads;
+} dnbn_part;
+
+/* A work unit: channels [f0, f0 + nf), and of each the values [j0, j1) of
+ * its m = batch * spatial (value j is image j / spatial, position j % spatial). */
+typedef struct dnbn_unit {
+    idx_t f0, nf, j0, j1;
+} dnbn_unit;
+
+dnbn_part dnbn_partition(int batch, int filters, int spatial);
+dnbn_unit dnbn_unit_at(const dnbn_part *pt, idx_t unit);
+
 /* ---- row primitives ----------------------------------------------------
  * Each works on n contiguous floats of one channel with scalar per-channel
  * parameters. Sums are returned in double. Both implementations evaluate the
@@ -117,13 +146,22 @@ typedef struct dnbn_rows {
     void (*v_shifted_acc)(const float *x, const float *k, idx_t n, double *s1, double *s2); /* s1+=x-k, s2+=(x-k)^2 */
     void (*v_sum_dot_dev)(const float *d, const float *x, const float *k, idx_t n, double *s,
                           double *sd); /* s += d, sd += d*(x-k) */
-    void (*v_forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, const float *mh,
-                            const float *ml, const float *inv, const float *g, const float *b);
     void (*v_forward_infer)(const float *in, float *y, idx_t n, const float *mh, const float *ml, const float *inv,
                             const float *g, const float *b);
-    void (*v_sums_dev)(const float *d, const float *x, const double *k, idx_t n, double *s, double *sd);
     void (*v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a, const double *k,
                              const double *b, const double *c);
+
+    /* Unit primitives: a whole work unit w of a (batch, filters, spatial)
+     * tensor, per-channel arrays indexed from w.f0 (rows.inc.h). */
+    void (*unit_moments)(const float *x, const struct dnbn_part *pt, struct dnbn_unit w, double (*acc)[3]);
+    void (*unit_forward)(const float *in, float *x, float *xn, float *y, const struct dnbn_part *pt,
+                         struct dnbn_unit w, const float *mh, const float *ml, const float *inv, const float *g,
+                         const float *b, int stream);
+    void (*unit_sums)(const float *dy, const float *x, const struct dnbn_part *pt, struct dnbn_unit w,
+                      const double *k, double *s, double *sd);
+    void (*unit_backward)(float *out, const float *dy, const float *x, const struct dnbn_part *pt,
+                          struct dnbn_unit w, const double *a, const double *k, const double *b, const double *c,
+                          int stream);
 } dnbn_rows;
 
 extern const dnbn_rows dnbn_rows_generic;
@@ -131,27 +169,6 @@ extern const dnbn_rows dnbn_rows_avx2;
 
 /* The table for this CPU (AVX2+FMA when present, unless DARKNET_BN_SIMD=generic). */
 const dnbn_rows *dnbn_rows_active(void);
-
-/* ---- partition -----------------------------------------------------------
- * A tensor's channels are cut into work units. Normally a unit is a group of
- * `group` consecutive channels, visited image by image: for each b the group's
- * rows lie side by side in memory, so a unit reads long contiguous stretches
- * (hardware prefetchers follow them) and a group's values fit in L2, where
- * a second pass over the unit finds them. When there are fewer channels than
- * threads, group == 1 and each channel is cut into `parts` equal pieces of
- * its m values. Unit u is piece u % parts of channel group u / parts; all
- * threads agree on it, so a later pass over a unit touches the same memory on
- * the same core. */
-#define DNBN_MAX_GROUP 64
-
-typedef struct dnbn_part {
-    idx_t batch, filters, spatial, m;
-    int parts;   /* pieces per channel (> 1 only when group == 1) */
-    int group;   /* channels per unit */
-    int threads;
-} dnbn_part;
-
-dnbn_part dnbn_partition(int batch, int filters, int spatial);
 
 /* Number of units, first channel of a unit, and its number of channels. */
 idx_t dnbn_units(const dnbn_part *pt);
@@ -205,8 +222,6 @@ void dnbn_map_rows(const dnbn_part *pt, dnbn_run_fn fn, void *ctx);
 /* ---- channel tiles (spatial == 1) ----------------------------------------
  * A fully connected tensor is (batch, filters) row-major: work units are tiles
  * of up to DNBN_TILE consecutive channels, vectorized across channels. */
-#define DNBN_TILE 256
-
 typedef struct dnbn_tiles {
     idx_t batch, filters, tile;
     int threads;
@@ -217,18 +232,21 @@ dnbn_tiles dnbn_tile_partition(int batch, int filters);
 /* Runs fn(ctx, f0, n) for every tile [f0, f0 + n) in parallel. */
 void dnbn_map_tiles(const dnbn_tiles *t, void (*fn)(void *ctx, idx_t f0, idx_t n), void *ctx);
 
-/* Moments (mean, m2 over the batch) of channels [f0, f0 + n), n <= DNBN_TILE,
- * of a (batch, filters) tensor. */
-void dnbn_tile_moments(const dnbn_rows *r, const float *x, idx_t batch, idx_t filters, idx_t f0, idx_t n,
-                       double *mean, double *m2);
-
 /* ---- per-channel moments -------------------------------------------------
  * acc = {n, mean, m2}: count, mean and sum of squared deviations. */
 
 /* Merges b into a (Chan, Golub & LeVeque); the merge of dnbn_reduce. */
-void dnbn_moments_merge(double a[3], const double b[3]);
-
-/* Moments of unit u's channels of x into acc[0 .. channels-1]. */
-void dnbn_unit_moments(const dnbn_rows *r, const dnbn_part *pt, const float *x, idx_t unit, double (*acc)[3]);
+static inline void dnbn_moments_merge(double a[3], const double b[3])
+{
+    if (b[0] == 0) return;
+    if (a[0] == 0) {
+        a[0] = b[0], a[1] = b[1], a[2] = b[2];
+        return;
+    }
+    double n = a[0] + b[0], d = b[1] - a[1];
+    a[1] += d * (b[0] / n);
+    a[2] += b[2] + d * d * (a[0] * b[0] / n);
+    a[0] = n;
+}
 
 #endif /* DARKNET_BN_INTERNAL_H */

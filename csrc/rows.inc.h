@@ -419,28 +419,6 @@ static void ROWS(v_sum_dot_dev)(const float *d, const float *x, const float *k, 
     }
 }
 
-static void ROWS(v_forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, const float *mh,
-                                  const float *ml, const float *inv, const float *g, const float *b)
-{
-    idx_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        rv8f v = ROWS(ld8)(in + j);
-        rv8f t = ((v - ROWS(ld8)(mh + j)) - ROWS(ld8)(ml + j)) * ROWS(ld8)(inv + j);
-        rv8f u = t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j);
-        if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + j, mh + j, ml + j, inv + j, g + j, b + j, 1, &t, &u);
-        if (x) ROWS(st8)(x + j, v);
-        if (xn) ROWS(st8)(xn + j, t);
-        ROWS(st8)(y + j, u);
-    }
-    for (; j < n; j++) {
-        float v = in[j], t, u;
-        ROWS(norm1)(v, mh[j], ml[j], inv[j], g[j], b[j], &t, &u);
-        if (x) x[j] = v;
-        if (xn) xn[j] = t;
-        y[j] = u;
-    }
-}
-
 static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const float *mh, const float *ml,
                                   const float *inv, const float *g, const float *b)
 {
@@ -454,18 +432,268 @@ static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const floa
     for (float unused; j < n; j++) ROWS(norm1)(in[j], mh[j], ml[j], inv[j], g[j], b[j], &unused, &y[j]);
 }
 
-static void ROWS(v_sums_dev)(const float *d, const float *x, const double *k, idx_t n, double *s, double *sd)
-{
-    for (idx_t j = 0; j < n; j++) {
-        s[j] += d[j];
-        sd[j] += (double)d[j] * ((double)x[j] - k[j]);
-    }
-}
-
 static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a,
                                    const double *k, const double *b, const double *c)
 {
-    for (idx_t j = 0; j < n; j++) out[j] = (float)((dy[j] * a[j] + ((double)x[j] - k[j]) * b[j]) + c[j]);
+    idx_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        rv4d va, vk, vb, vc;
+        memcpy(&va, a + j, sizeof va);
+        memcpy(&vk, k + j, sizeof vk);
+        memcpy(&vb, b + j, sizeof vb);
+        memcpy(&vc, c + j, sizeof vc);
+        rv4f f = __builtin_convertvector((ROWS(ld4d)(dy + j) * va + (ROWS(ld4d)(x + j) - vk) * vb) + vc, rv4f);
+        memcpy(out + j, &f, sizeof f);
+    }
+    for (; j < n; j++) out[j] = (float)((dy[j] * a[j] + ((double)x[j] - k[j]) * b[j]) + c[j]);
+}
+
+/* ---- channel-vector loops over a block of images (spatial == 1): the
+ * per-channel parameters and sums of a few channels are loaded once per block
+ * and the block's images taken one after another, so each channel's
+ * arithmetic is exactly that of image after image. A block is at most
+ * ROWS_FC_BLOCK images, `stride` floats apart: few enough that their lines
+ * share an L1 set without evicting each other when the stride is a power of
+ * two. ---- */
+#define ROWS_FC_BLOCK 4
+
+static void ROWS(fc_shifted_acc)(const float *x, idx_t stride, idx_t rows, const float *k, idx_t n, double *s1,
+                                 double *s2)
+{
+    idx_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        rv4d kk = ROWS(ld4d)(k + j), a, c;
+        memcpy(&a, s1 + j, sizeof a);
+        memcpy(&c, s2 + j, sizeof c);
+        for (idx_t r = 0; r < rows; r++) {
+            rv4d u = ROWS(ld4d)(x + r * stride + j) - kk;
+            a += u;
+            c += u * u;
+        }
+        memcpy(s1 + j, &a, sizeof a);
+        memcpy(s2 + j, &c, sizeof c);
+    }
+    for (; j < n; j++)
+        for (idx_t r = 0; r < rows; r++) {
+            double u = (double)x[r * stride + j] - k[j];
+            s1[j] += u;
+            s2[j] += u * u;
+        }
+}
+
+static void ROWS(fc_sums_dev)(const float *d, const float *x, idx_t stride, idx_t rows, const double *k, idx_t n,
+                              double *s, double *sd)
+{
+    idx_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        rv4d kk, a, c;
+        memcpy(&kk, k + j, sizeof kk);
+        memcpy(&a, s + j, sizeof a);
+        memcpy(&c, sd + j, sizeof c);
+        for (idx_t r = 0; r < rows; r++) {
+            rv4d dd = ROWS(ld4d)(d + r * stride + j);
+            a += dd;
+            c += dd * (ROWS(ld4d)(x + r * stride + j) - kk);
+        }
+        memcpy(s + j, &a, sizeof a);
+        memcpy(sd + j, &c, sizeof c);
+    }
+    for (; j < n; j++)
+        for (idx_t r = 0; r < rows; r++) {
+            s[j] += d[r * stride + j];
+            sd[j] += (double)d[r * stride + j] * ((double)x[r * stride + j] - k[j]);
+        }
+}
+
+/* xn = ((in - mh) - ml) * inv, y = xn * g + b; x = in; each written when not NULL. */
+static void ROWS(fc_forward)(const float *in, float *x, float *xn, float *y, idx_t stride, idx_t rows, idx_t n,
+                             const float *mh, const float *ml, const float *inv, const float *g, const float *b)
+{
+    idx_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const rv8f vh = ROWS(ld8)(mh + j), vl = ROWS(ld8)(ml + j), vi = ROWS(ld8)(inv + j);
+        const rv8f vg = ROWS(ld8)(g + j), vb = ROWS(ld8)(b + j);
+        for (idx_t r = 0, o = j; r < rows; r++, o += stride) {
+            rv8f v = ROWS(ld8)(in + o);
+            rv8f t = ((v - vh) - vl) * vi, u = t * vg + vb;
+            if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + o, mh + j, ml + j, inv + j, g + j, b + j, 1, &t, &u);
+            if (x) ROWS(st8)(x + o, v);
+            if (xn) ROWS(st8)(xn + o, t);
+            if (y) ROWS(st8)(y + o, u);
+        }
+    }
+    for (; j < n; j++)
+        for (idx_t r = 0, o = j; r < rows; r++, o += stride) {
+            float v = in[o], t, u;
+            ROWS(norm1)(v, mh[j], ml[j], inv[j], g[j], b[j], &t, &u);
+            if (x) x[o] = v;
+            if (xn) xn[o] = t;
+            if (y) y[o] = u;
+        }
+}
+
+/* out = dy * a + (x - k) * b + c, in double (out may be dy). */
+static void ROWS(fc_backward)(float *out, const float *dy, const float *x, idx_t stride, idx_t rows, idx_t n,
+                              const double *a, const double *k, const double *b, const double *c)
+{
+    idx_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        rv4d va, vk, vb, vc;
+        memcpy(&va, a + j, sizeof va);
+        memcpy(&vk, k + j, sizeof vk);
+        memcpy(&vb, b + j, sizeof vb);
+        memcpy(&vc, c + j, sizeof vc);
+        for (idx_t r = 0, o = j; r < rows; r++, o += stride) {
+            rv4f f = __builtin_convertvector((ROWS(ld4d)(dy + o) * va + (ROWS(ld4d)(x + o) - vk) * vb) + vc, rv4f);
+            memcpy(out + o, &f, sizeof f);
+        }
+    }
+    for (; j < n; j++)
+        for (idx_t r = 0, o = j; r < rows; r++, o += stride)
+            out[o] = (float)((dy[o] * a[j] + ((double)x[o] - k[j]) * b[j]) + c[j]);
+}
+
+/* ---- unit primitives: a whole work unit of a (batch, filters, spatial)
+ * tensor (internal.h: dnbn_unit), its runs walked here, so that a phase of
+ * the layer reaches its loops in one call. spatial > 1: the unit's runs, image
+ * by image and channel by channel, through the row loops above. spatial == 1:
+ * the unit is a tile of channels over a range of images, walked in blocks of
+ * ROWS_FC_BLOCK images through the fc_ loops above, per-channel sums and
+ * parameters in arrays that stay in L1. (Walking down all the images 8
+ * channels at a time, sums in registers, takes fewer instructions still but
+ * is slower: with a power-of-two channel count every image's 8 channels fall
+ * in the same L1 set.) Per-channel arrays are indexed from the unit's first
+ * channel. ---- */
+
+/* Values summed with one shift before they are folded into a channel's
+ * moments: bounds the cancellation in sum (x-k)^2 - (sum (x-k))^2 / n. */
+#define ROWS_MOMENT_BLOCK 2048
+
+/* Folds a block of n values with shift k, sums s1 = sum (x-k) and s2 = sum (x-k)^2, into acc = {n, mean, m2}. */
+static inline void ROWS(fold_block)(double acc[3], double n, double k, double s1, double s2)
+{
+    double m2 = s2 - s1 * (s1 / n);
+    double block[3] = {n, k + s1 / n, m2 < 0 ? 0 : m2};
+    dnbn_moments_merge(acc, block);
+}
+
+/* First and one-past-last image of unit w, and the value range [i0, i1) of image b's row. */
+static inline void ROWS(row_range)(const dnbn_part *pt, dnbn_unit w, idx_t b, idx_t *i0, idx_t *i1)
+{
+    idx_t lo = w.j0 - b * pt->spatial, hi = w.j1 - b * pt->spatial;
+    *i0 = lo > 0 ? lo : 0;
+    *i1 = hi < pt->spatial ? hi : pt->spatial;
+}
+
+static void ROWS(unit_moments)(const float *x, const dnbn_part *pt, dnbn_unit w, double (*acc)[3])
+{
+    const idx_t F = pt->filters, S = pt->spatial;
+    for (idx_t j = 0; j < w.nf; j++) acc[j][0] = acc[j][1] = acc[j][2] = 0;
+    if (S > 1) {
+        for (idx_t b = w.j0 / S; b * S < w.j1; b++) {
+            idx_t i0, i1;
+            ROWS(row_range)(pt, w, b, &i0, &i1);
+            for (idx_t j = 0; j < w.nf; j++) {
+                const float *row = x + (b * F + w.f0 + j) * S;
+                for (idx_t i = i0; i < i1; i += ROWS_MOMENT_BLOCK) {
+                    idx_t n = i1 - i < ROWS_MOMENT_BLOCK ? i1 - i : ROWS_MOMENT_BLOCK;
+                    double k = row[i], s1, s2;
+                    ROWS(shifted_sums)(row + i, n, k, &s1, &s2);
+                    ROWS(fold_block)(acc[j], (double)n, k, s1, s2);
+                }
+            }
+        }
+        return;
+    }
+    /* spatial == 1: blocks of images share a shift, the block's first image;
+     * image by image (memory order), sums per channel in arrays that stay in L1 */
+    double s1[DNBN_MAX_GROUP], s2[DNBN_MAX_GROUP];
+    for (idx_t b0 = w.j0; b0 < w.j1; b0 += ROWS_MOMENT_BLOCK) {
+        idx_t rows = w.j1 - b0 < ROWS_MOMENT_BLOCK ? w.j1 - b0 : ROWS_MOMENT_BLOCK;
+        const float *k = x + b0 * F + w.f0;
+        for (idx_t j = 0; j < w.nf; j++) s1[j] = s2[j] = 0;
+        for (idx_t b = 0; b < rows; b += ROWS_FC_BLOCK)
+            ROWS(fc_shifted_acc)(k + b * F, F, rows - b < ROWS_FC_BLOCK ? rows - b : ROWS_FC_BLOCK, k, w.nf, s1, s2);
+        for (idx_t j = 0; j < w.nf; j++) ROWS(fold_block)(acc[j], (double)rows, k[j], s1[j], s2[j]);
+    }
+}
+
+/* xn = ((in - mh) - ml) * inv and y = xn * gamma + beta over unit w; x = in.
+ * x and xn may be NULL (inference: both); y may be NULL. */
+static void ROWS(unit_forward)(const float *in, float *x, float *xn, float *y, const dnbn_part *pt, dnbn_unit w,
+                               const float *mh, const float *ml, const float *inv, const float *g, const float *bt,
+                               int stream)
+{
+    const idx_t F = pt->filters, S = pt->spatial;
+    if (S > 1) {
+        for (idx_t b = w.j0 / S; b * S < w.j1; b++) {
+            idx_t i0, i1;
+            ROWS(row_range)(pt, w, b, &i0, &i1);
+            for (idx_t j = 0; j < w.nf; j++) {
+                idx_t off = (b * F + w.f0 + j) * S + i0;
+                if (!x && !xn)
+                    ROWS(forward_infer)(in + off, y + off, i1 - i0, mh[j], ml[j], inv[j], g[j], bt[j], stream);
+                else
+                    ROWS(forward_train)(in + off, x ? x + off : NULL, xn ? xn + off : NULL, y ? y + off : NULL,
+                                        i1 - i0, mh[j], ml[j], inv[j], g[j], bt[j], stream);
+            }
+        }
+        return;
+    }
+    if (!x && !xn) { /* inference: nothing to keep, the lighter row loop */
+        for (idx_t off = w.j0 * F + w.f0, end = w.j1 * F; off < end; off += F)
+            ROWS(v_forward_infer)(in + off, y + off, w.nf, mh, ml, inv, g, bt);
+        return;
+    }
+    for (idx_t b = w.j0; b < w.j1; b += ROWS_FC_BLOCK) {
+        idx_t off = b * F + w.f0, rows = w.j1 - b < ROWS_FC_BLOCK ? w.j1 - b : ROWS_FC_BLOCK;
+        ROWS(fc_forward)(in + off, x ? x + off : NULL, xn ? xn + off : NULL, y ? y + off : NULL, F, rows, w.nf, mh, ml,
+                         inv, g, bt);
+    }
+}
+
+/* s[j] += sum dy, sd[j] += sum dy * (x - k[j]) over channel f0 + j of unit w. */
+static void ROWS(unit_sums)(const float *dy, const float *x, const dnbn_part *pt, dnbn_unit w, const double *k,
+                            double *s, double *sd)
+{
+    const idx_t F = pt->filters, S = pt->spatial;
+    if (S > 1) {
+        for (idx_t b = w.j0 / S; b * S < w.j1; b++) {
+            idx_t i0, i1;
+            ROWS(row_range)(pt, w, b, &i0, &i1);
+            for (idx_t j = 0; j < w.nf; j++) {
+                idx_t off = (b * F + w.f0 + j) * S + i0;
+                ROWS(sums_dev)(dy + off, x + off, i1 - i0, k[j], &s[j], &sd[j]);
+            }
+        }
+        return;
+    }
+    for (idx_t b = w.j0; b < w.j1; b += ROWS_FC_BLOCK) {
+        idx_t off = b * F + w.f0;
+        ROWS(fc_sums_dev)(dy + off, x + off, F, w.j1 - b < ROWS_FC_BLOCK ? w.j1 - b : ROWS_FC_BLOCK, k, w.nf, s, sd);
+    }
+}
+
+/* out = dy * a[j] + (x - k[j]) * b[j] + c[j] over unit w, in double (out may be dy). */
+static void ROWS(unit_backward)(float *out, const float *dy, const float *x, const dnbn_part *pt, dnbn_unit w,
+                                const double *a, const double *k, const double *b, const double *c, int stream)
+{
+    const idx_t F = pt->filters, S = pt->spatial;
+    if (S > 1) {
+        for (idx_t im = w.j0 / S; im * S < w.j1; im++) {
+            idx_t i0, i1;
+            ROWS(row_range)(pt, w, im, &i0, &i1);
+            for (idx_t j = 0; j < w.nf; j++) {
+                idx_t off = (im * F + w.f0 + j) * S + i0;
+                ROWS(backward_apply)(out + off, dy + off, x + off, i1 - i0, a[j], k[j], b[j], c[j], stream);
+            }
+        }
+        return;
+    }
+    for (idx_t im = w.j0; im < w.j1; im += ROWS_FC_BLOCK) {
+        idx_t off = im * F + w.f0, rows = w.j1 - im < ROWS_FC_BLOCK ? w.j1 - im : ROWS_FC_BLOCK;
+        ROWS(fc_backward)(out + off, dy + off, x + off, F, rows, w.nf, a, k, b, c);
+    }
 }
 
 #define ROWS_TABLE(label) \
@@ -485,8 +713,10 @@ static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, 
         .backward_apply = ROWS(backward_apply), \
         .v_shifted_acc = ROWS(v_shifted_acc), \
         .v_sum_dot_dev = ROWS(v_sum_dot_dev), \
-        .v_forward_train = ROWS(v_forward_train), \
         .v_forward_infer = ROWS(v_forward_infer), \
-        .v_sums_dev = ROWS(v_sums_dev), \
         .v_backward_apply = ROWS(v_backward_apply), \
+        .unit_moments = ROWS(unit_moments), \
+        .unit_forward = ROWS(unit_forward), \
+        .unit_sums = ROWS(unit_sums), \
+        .unit_backward = ROWS(unit_backward), \
     }

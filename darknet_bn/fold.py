@@ -19,12 +19,17 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from ._lib import ffi, lib
 from .errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["DARKNET_FORWARD_EPS", "fold_batchnorm", "inference_scale"]
+__all__ = ["DARKNET_FORWARD_EPS", "fold_batchnorm", "inference_scale", "normalizer"]
 
-#: Darknet's epsilon of the forward pass, added after the square root.
+#: Darknet's epsilon of the forward pass, added after the square root (documentation;
+#: the arithmetic is the C library's).
 DARKNET_FORWARD_EPS = 1e-6
+
+#: The numerics names and their codes in the C library.
+NUMERICS = {"darknet": int(lib.DNBN_NUMERICS_DARKNET), "standard": int(lib.DNBN_NUMERICS_STANDARD)}
 
 
 def _real_array(value: Any, name: str) -> np.ndarray:
@@ -36,23 +41,36 @@ def _real_array(value: Any, name: str) -> np.ndarray:
     return arr
 
 
+def normalizer(rolling_variance: Any, numerics: str = "darknet", eps: float = 1e-5) -> np.ndarray:
+    """Return the inference normalizer per channel, in float64, as the layer's inference computes it.
+
+    ``1 / (sqrt(rolling_variance) + 1e−6)`` for ``numerics="darknet"``,
+    ``1 / sqrt(rolling_variance + eps)`` for ``"standard"`` (``eps`` >= 0). The
+    formula lives in the C library (``dnbn_batchnorm_normalizer``); this reads
+    it there. A negative variance gives NaN, as inference itself does.
+    """
+    if numerics not in NUMERICS:
+        raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
+    var = np.ascontiguousarray(_real_array(rolling_variance, "rolling_variance"), dtype=np.float64)
+    out = np.empty(var.shape, dtype=np.float64)
+    if var.size > np.iinfo(np.int32).max:
+        raise ArgumentError(f"rolling_variance has too many channels ({var.size})")
+    status = lib.dnbn_batchnorm_normalizer(NUMERICS[numerics], float(eps), ffi.from_buffer("double[]", var),
+                                           var.size, ffi.from_buffer("double[]", out))
+    if status != lib.DNBN_OK:
+        raise ArgumentError(f"eps must be a finite number >= 0 for standard numerics, got {eps!r}")
+    return out
+
+
 def inference_scale(
     scales: np.ndarray, rolling_variance: np.ndarray, numerics: str = "darknet", eps: float = 1e-5
 ) -> np.ndarray:
-    """Return ``s``, the per-channel factor of inference, in float64.
+    """Return ``s = γ · normalizer``, the per-channel factor of inference, in float64.
 
-    ``γ / (sqrt(rolling_variance) + 1e−6)`` for ``numerics="darknet"``,
-    ``γ / sqrt(rolling_variance + eps)`` for ``"standard"``. A negative
-    variance gives NaN, as inference itself does.
+    ``γ · 1/(sqrt(rolling_variance) + 1e−6)`` for ``numerics="darknet"``,
+    ``γ · 1/sqrt(rolling_variance + eps)`` for ``"standard"`` (:func:`normalizer`).
     """
-    gamma = np.asarray(scales, dtype=np.float64)
-    var = np.asarray(rolling_variance, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if numerics == "darknet":
-            return gamma / (np.sqrt(var) + DARKNET_FORWARD_EPS)
-        if numerics == "standard":
-            return gamma / np.sqrt(var + float(eps))
-    raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
+    return np.asarray(scales, dtype=np.float64) * normalizer(rolling_variance, numerics, eps)
 
 
 def fold_batchnorm(

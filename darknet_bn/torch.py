@@ -115,6 +115,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 import numpy as np
 
+from . import fold as _fold
 from ._lib import check, ffi, lib
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "FUSER_METHOD_MAPPING", "SyncBatchNorm", "batch_norm", "convert_model"]
@@ -278,7 +279,8 @@ class _BatchNormFunction(torch.autograd.Function):
             # The statistics this forward used, as PyTorch keeps them for its backward.
             ctx.mean = rolling_mean.clone()
             ctx.var = rolling_var.clone()
-            ctx.invstd = torch.rsqrt(rolling_var.double() + float(eps)).float()
+            ctx.invstd = torch.from_numpy(_fold.normalizer(rolling_var.detach().double().cpu().numpy(), "standard",
+                                                            float(eps))).float()
         return out
 
     @staticmethod

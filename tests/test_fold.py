@@ -97,7 +97,8 @@ def test_fold_is_the_formula_rounded_once(rng, numerics):
     b = rng.standard_normal(c).astype(np.float32)
     g, beta = np.float64(layer.scales), np.float64(layer.biases)
     rm, rv = np.float64(layer.rolling_mean), np.float64(layer.rolling_variance)
-    s = g / (np.sqrt(rv) + 1e-6) if numerics == "darknet" else g / np.sqrt(rv + np.float64(np.float32(1e-5)))
+    # s = gamma * normalizer, the normalizer as inference computes it (docs/reference.md §3)
+    s = g * (1 / (np.sqrt(rv) + 1e-6) if numerics == "darknet" else 1 / np.sqrt(rv + np.float64(np.float32(1e-5))))
     w2, b2 = layer.fold_into(w, b)
     assert np.array_equal(w2, (np.float64(w) * s[:, None, None]).astype(np.float32))
     assert np.array_equal(b2, ((np.float64(b) - rm) * s + beta).astype(np.float32))
@@ -226,3 +227,24 @@ def test_small_running_variances_follow_the_numerics_epsilon(rng, numerics):
     oracle = bn_inference_oracle(z64, layer)
     assert_close(folded, oracle, what=f"folded ({numerics}, tiny variances)")
     assert_close(y, bn_inference_oracle(np.float32(z64).astype(np.float64), layer), what="layer inference")
+
+
+@pytest.mark.parametrize("numerics", ["darknet", "standard"])
+def test_normalizer_is_the_layers_inference_normalizer(rng, numerics):
+    """fold.normalizer (the C library's formula) against float64 written here, and against inference itself."""
+    from darknet_bn.fold import normalizer
+    var = np.concatenate([np.abs(rng.standard_normal(13)) * 10.0 ** rng.integers(-12, 4, 13), [0.0, 1e-30]])
+    eps = 1e-3
+    want = 1 / (np.sqrt(var) + 1e-6) if numerics == "darknet" else 1 / np.sqrt(var + eps)
+    got = normalizer(var, numerics, eps)
+    assert np.allclose(got, want, rtol=1e-15, atol=0)
+    # inference of a layer whose running statistics are set: y = (x - rm) * inv * gamma + beta, in float32
+    layer = darknet_bn.BatchNormLayer(1, 1, 1, 3, numerics=numerics, eps=1.0 if numerics == "standard" else 1e-5)
+    layer.rolling_variance[:] = [4.0, 0.25, 9.0]
+    x = np.array([[3.0, -1.0, 2.0]], np.float32).reshape(1, 3, 1, 1)
+    inv = normalizer(layer.rolling_variance, numerics, float(np.float32(layer.eps)))
+    assert np.array_equal(layer.forward(x, train=False).ravel(), (x.ravel() * inv.astype(np.float32)).astype(np.float32))
+    with pytest.raises(ArgumentError, match="eps"):
+        normalizer(var, "standard", -1.0)
+    with pytest.raises(ArgumentError, match="numerics"):
+        normalizer(var, "alexeyab")

@@ -1575,10 +1575,6 @@ static void test_row_primitives_bit_identical(void)
             differ += !same_doubles(vg[0], vv[0], N) + !same_doubles(vg[1], vv[1], N);
             g->v_sum_dot_dev(a, b, par[0], n, vg[0], vg[1]), v->v_sum_dot_dev(a, b, par[0], n, vv[0], vv[1]);
             differ += !same_doubles(vg[0], vv[0], N) + !same_doubles(vg[1], vv[1], N);
-            g->v_sums_dev(a, b, dk[0], n, vg[0], vg[1]), v->v_sums_dev(a, b, dk[0], n, vv[0], vv[1]);
-            differ += !same_doubles(vg[0], vv[0], N) + !same_doubles(vg[1], vv[1], N);
-            g->v_forward_train(a, og[0], og[1], og[2], n, par[0], par[1], par[2], par[3], par[4]);
-            v->v_forward_train(a, ov[0], ov[1], ov[2], n, par[0], par[1], par[2], par[3], par[4]);
             g->v_forward_infer(a, og[3], n, par[0], par[1], par[2], par[3], par[4]);
             v->v_forward_infer(a, ov[3], n, par[0], par[1], par[2], par[3], par[4]);
             for (int k = 0; k < 4; k++) differ += !same_floats(og[k], ov[k], (size_t)n);
@@ -1590,6 +1586,56 @@ static void test_row_primitives_bit_identical(void)
     }
     check_int(tn, "calls whose outputs differ in any bit", differ, 0);
     check_true(tn, "cases compared", compared == 40 * (N + 1));
+
+    /* unit primitives: whole units of (batch, filters, spatial) tensors, both layouts, whole and split channels */
+    static const idx_t shapes[][3] = {{5, 19, 1}, {70, 9, 1}, {3, 4, 37}, {2, 3, 16}, {4, 2, 5}};
+    int units = 0;
+    differ = 0;
+    for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
+        idx_t B = shapes[sh][0], F = shapes[sh][1], S = shapes[sh][2], total = B * F * S;
+        dnbn_part pt = {.batch = B, .filters = F, .spatial = S, .m = B * S, .parts = 1, .group = (int)F, .threads = 1};
+        float *buf = malloc((size_t)total * 10 * sizeof(float));
+        float *a = buf, *b = buf + total, *og = buf + 2 * total, *ov = buf + 6 * total;
+        for (idx_t i = 0; i < total; i++)
+            a[i] = i % 3 ? (float)rng_gauss(&r) * 4 + 2 : prim_value(&r), b[i] = (float)rng_gauss(&r);
+        float fp[5][32];
+        double dp[4][32];
+        for (int k = 0; k < 5; k++)
+            for (int j = 0; j < 32; j++) fp[k][j] = k == 2 ? (float)(0.5 + rng_unif(&r)) : (float)rng_gauss(&r);
+        for (int k = 0; k < 4; k++)
+            for (int j = 0; j < 32; j++) dp[k][j] = rng_gauss(&r);
+        /* units: all channels over all values; one channel over part of the values; a middle channel range */
+        dnbn_unit ws[3] = {{0, F, 0, B * S}, {F - 1, 1, B * S / 3, B * S - 1}, {F / 3, F - F / 3 - 1 > 0 ? F - F / 3 - 1 : 1, 1, B * S}};
+        for (int u = 0; u < 3; u++, units++) {
+            dnbn_unit w = ws[u];
+            double ag[32][3], av[32][3], sg[2][32] = {{0}}, sv[2][32] = {{0}};
+            g->unit_moments(a, &pt, w, ag), v->unit_moments(a, &pt, w, av);
+            for (idx_t j = 0; j < w.nf; j++) differ += !same_doubles(ag[j], av[j], 3);
+            g->unit_sums(a, b, &pt, w, dp[0], sg[0], sg[1]), v->unit_sums(a, b, &pt, w, dp[0], sv[0], sv[1]);
+            differ += !same_doubles(sg[0], sv[0], 32) + !same_doubles(sg[1], sv[1], 32);
+            for (int stream = 0; stream < 2; stream++) {
+                for (idx_t i = 0; i < 4 * total; i++) og[i] = ov[i] = GARBAGE;
+                g->unit_forward(a, og, og + total, og + 2 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
+                v->unit_forward(a, ov, ov + total, ov + 2 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
+                g->unit_forward(a, NULL, NULL, og + 3 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
+                v->unit_forward(a, NULL, NULL, ov + 3 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
+                differ += !same_floats(og, ov, (size_t)(4 * total));
+                /* x_norm alone (dnbn_batchnorm_layer_fill_x_norm): the same bits as with every output */
+                float *xn_only = malloc((size_t)total * sizeof(float));
+                for (idx_t i = 0; i < total; i++) xn_only[i] = og[total + i];
+                g->unit_forward(a, NULL, og + total, NULL, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
+                v->unit_forward(a, NULL, ov + total, NULL, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
+                differ += !same_floats(og + total, xn_only, (size_t)total) + !same_floats(ov + total, xn_only, (size_t)total);
+                free(xn_only);
+                g->unit_backward(og, a, b, &pt, w, dp[0], dp[1], dp[2], dp[3], stream);
+                v->unit_backward(ov, a, b, &pt, w, dp[0], dp[1], dp[2], dp[3], stream);
+                differ += !same_floats(og, ov, (size_t)total);
+            }
+        }
+        free(buf);
+    }
+    check_int(tn, "unit primitives: units whose outputs differ in any bit", differ, 0);
+    check_int(tn, "units compared", units, 15);
 }
 
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
