@@ -26,31 +26,57 @@ call loops it enough times to last ``--min-time``. Reported figures are
 medians of the samples, as time per call. Before timing, the peers' results
 are compared ("peers agree: max |diff| = ...") so the comparison is fair.
 
-With torch, a last section times a whole CNN training step (``--cnn-input``,
-default 16x3x64x64: three conv3x3 + BatchNorm2d + ReLU blocks of 32, 64, 64
-channels with 2x2 max pooling between them, global average pooling, a linear
-layer, cross-entropy, SGD with momentum): the model with ``torch.nn.BatchNorm2d``
-against the same model after ``darknet_bn.torch.convert_model``, same weights,
-data and thread count (darknet_bn's and torch's), steps interleaved, medians.
-Its ratio is torch's step time over the converted model's. ``--no-cnn`` skips it.
-With several threads the converted model's batch norms run on darknet_bn's own
+Thread counts default to 1, 2 and all usable cores (deduplicated; none above
+the usable cores); darknet_bn and torch always get the same count.
+
+With torch, more sections follow (each ratio is torch's time over darknet_bn's):
+
+* inside a PyTorch process (:mod:`darknet_bn._bench_torch_layer`): per shape
+  and thread count, the training step of ``darknet_bn standard`` against the
+  faster PyTorch variant of the same cell, every timed call right after a
+  short PyTorch parallel op (a small conv2d), so PyTorch's OpenMP workers have
+  just been active, as inside a model; reported next to the "alone" ratio.
+  ``--no-in-torch`` skips it.
+* channels-last: forward (train) + backward of ``darknet_bn.torch.BatchNorm2d``
+  against ``torch.nn.BatchNorm2d`` on a ``torch.channels_last`` input
+  (``--channels-last-shape``, default 8x128x52x52, 4x16x8x8 with ``--quick``;
+  ``--no-channels-last`` skips it).
+* a whole CNN training step (``--cnn-input``, default 16x3x64x64: three
+  conv3x3 + BatchNorm2d + ReLU blocks of 32, 64, 64 channels with 2x2 max
+  pooling between them, global average pooling, a linear layer,
+  cross-entropy, SGD with momentum): the model with ``torch.nn.BatchNorm2d``
+  against the same model after ``darknet_bn.torch.convert_model``, same
+  weights, data and thread count, steps interleaved, medians. ``--no-cnn``
+  skips it.
+* a ResNet-18-like model (:mod:`darknet_bn._bench_models`; ``--resnet-input``,
+  default 16x3x112x112, 4x3x64x64 with ``--quick``; ``--no-resnet`` skips it):
+  training step, inference, and the batch-norm time inside one training step
+  from ``torch.profiler``, torch's model against its conversion.
+
+With several threads the converted models' batch norms run on darknet_bn's own
 threads while torch's OpenMP workers may still spin-wait from the previous
-torch op (libgomp's default); ``OMP_WAIT_POLICY=PASSIVE`` (set before starting
-Python) stops that at some cost to torch's own ops. The JSON records it.
+torch op (libgomp's default); ``OMP_WAIT_POLICY=PASSIVE`` stops that at some
+cost to torch's own ops. libgomp reads it when torch loads, so
+``--omp-passive`` runs the CNN and ResNet sections a second time in a child
+process started with it (:mod:`darknet_bn._bench_passive`); both results are
+in the JSON and the tables.
+
+Each section's table carries the targets (:mod:`darknet_bn._bench_targets`)
+next to the measured ratios, marked met or MISS; a summary ends the table.
 
 Writes ``bench.json`` (machine, configuration, every sample), ``bench.txt``
-(the terminal table) and ``bench.png`` (speedup over PyTorch per shape) into
-``--out``. Needs the ``bench`` extra (matplotlib for the chart, tqdm for the
-progress bar); without them it still runs and writes the JSON.
+(the machine description, then the terminal tables), ``bench.png`` (speedup
+over PyTorch per shape) and ``bench_threads.png`` (training-step time against
+threads per shape) into ``--out``, by default ``docs/bench/<machine slug>``
+(:func:`machine_slug`, e.g. ``intel-xeon-avx512-2c``). Needs the ``bench``
+extra (matplotlib for the charts, tqdm for the progress bar); without them it
+still runs and writes the JSON.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -60,13 +86,63 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import darknet_bn
-from darknet_bn import _cli
+from darknet_bn import _bench_passive, _bench_targets, _cli
+from darknet_bn._bench_common import (  # noqa: F401  (re-exported: the benchmark's public helpers)
+    AGREE_TOL,
+    EPS,
+    SETTLE_S,
+    STD_MOMENTUM,
+    Shape,
+    _timed,
+    calibrate,
+    default_threads,
+    fmt_size,
+    fmt_time,
+    make_data,
+    set_threads,
+    shape_label,
+    usable_cores,
+)
+from darknet_bn._bench_common import scaled_diff as _scaled_diff
+from darknet_bn._bench_figures import plot_threads
+from darknet_bn._bench_machine import machine_info, machine_slug, machine_text  # noqa: F401
+from darknet_bn._bench_models import (  # noqa: F401  (the model sections, re-exported)
+    CNN_CHANNELS,
+    CNN_CHECK_STEPS,
+    CNN_CLASSES,
+    CNN_INPUT,
+    CNN_LR,
+    CNN_PEERS,
+    RESNET_CHECK_STEPS,
+    RESNET_INPUT,
+    RESNET_PROFILE_STEPS,
+    RESNET_QUICK_INPUT,
+    CnnPeer,
+    bench_cnn,
+    bench_resnet,
+    cnn_description,
+    cnn_table,
+    make_cnn,
+    make_cnn_peers,
+    make_resnet,
+    resnet_final_hw,
+    resnet_table,
+)
+from darknet_bn._bench_torch_layer import (
+    CHANNELS_LAST_QUICK_SHAPE,
+    CHANNELS_LAST_SHAPE,
+    bench_channels_last,
+    channels_last_table,
+    in_torch_cell,
+    in_torch_table,
+    make_torch_op,
+    torch_op_description,
+)
 from darknet_bn.kernels import reference as _ref
 
-Shape = Tuple[int, int, int, int]
 Arrays = Dict[str, np.ndarray]
 
-SCHEMA = "darknet_bn.bench/1"
+SCHEMA = "darknet_bn.bench/2"
 
 #: docs/reference.md §7's six shapes (batch, channels, h, w).
 SHAPES: Tuple[Shape, ...] = (
@@ -86,12 +162,6 @@ PASSES = ("train_step", "infer")
 PASS_TITLES = {"train_step": "training step (forward + backward)", "infer": "inference forward"}
 #: Floats moved per tensor value by the least a pass can do (see the module docstring).
 ROOF_FLOATS = {"train_step": 6, "infer": 2}
-EPS = 1e-5
-STD_MOMENTUM = 0.1
-#: Largest agreement error, scaled by max(1, max |reference array|), that counts as agreeing.
-AGREE_TOL = 1e-3
-#: Pause between peers so a peer's idle worker threads (OpenMP spin-waits) stop competing.
-SETTLE_S = 0.001
 
 
 # --------------------------------------------------------------------------- peers
@@ -368,19 +438,6 @@ class TorchPeer(Peer):
         return self.last_infer.numpy().copy()
 
 
-def make_data(shape: Shape, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Input x (mean 0.5, std 2), delta dy, gamma and beta for ``shape``, float32."""
-    rng = np.random.default_rng(seed)
-    c = shape[1]
-    x = rng.standard_normal(shape, dtype=np.float32)
-    x *= 2.0
-    x += 0.5
-    dy = rng.standard_normal(shape, dtype=np.float32)
-    gamma = (1.0 + 0.1 * rng.standard_normal(c)).astype(np.float32)
-    beta = (0.1 * rng.standard_normal(c)).astype(np.float32)
-    return x, dy, gamma, beta
-
-
 def make_peers(shape: Shape, torch: Any, seed: int = 0) -> List[Peer]:
     """Every peer for ``shape`` on the same data (darknet_bn standard first: the baseline)."""
     x, dy, gamma, beta = make_data(shape, seed)
@@ -402,18 +459,6 @@ def baseline_name(peer_numerics: str) -> str:
 
 
 # --------------------------------------------------------------------------- agreement
-
-
-def _scaled_diff(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max(1, max |want|), in float64; inf on a shape mismatch or NaN."""
-    g = np.asarray(got, np.float64).reshape(-1)
-    w = np.asarray(want, np.float64).reshape(-1)
-    if g.shape != w.shape:
-        return float("inf")
-    d = float(np.max(np.abs(g - w))) if g.size else 0.0
-    if not np.isfinite(d):
-        return float("inf")
-    return d / max(1.0, float(np.max(np.abs(w))) if w.size else 1.0)
 
 
 def check_agreement(peers: Sequence[Peer]) -> Dict[str, Any]:
@@ -465,31 +510,6 @@ def copy_bandwidth(threads: int, megabytes: int = 256, reps: int = 7) -> float:
             list(pool.map(lambda p: np.copyto(p[0], p[1]), parts))
             times.append(time.perf_counter() - t0)
     return 2.0 * n * 4 / statistics.median(times[1:])  # the first copy also faults the pages in
-
-
-def _timed(fn: Callable[[], None], inner: int) -> float:
-    """Seconds per call of ``fn`` over ``inner`` back-to-back calls."""
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
-def calibrate(fn: Callable[[], None], min_time: float, max_inner: int = 100_000) -> int:
-    """How many back-to-back calls make one sample last at least ``min_time`` seconds."""
-    inner = 1
-    while True:
-        t = _timed(fn, inner) * inner
-        if t >= min_time or inner >= max_inner:
-            return inner
-        inner = min(max_inner, max(inner * 2, int(inner * 1.2 * min_time / max(t, 1e-9)) + 1))
-
-
-def set_threads(n: int, torch: Any) -> None:
-    """Give darknet_bn and torch the same thread count."""
-    darknet_bn.set_num_threads(n)
-    if torch is not None:
-        torch.set_num_threads(n)
 
 
 def bench_cell(
@@ -562,186 +582,7 @@ def bench_cell(
     return cell
 
 
-# --------------------------------------------------------------------------- CNN training step
-
-#: The CNN row's default input (batch, channels, h, w), its blocks' channels and its classes.
-CNN_INPUT: Shape = (16, 3, 64, 64)
-CNN_CHANNELS: Tuple[int, ...] = (32, 64, 64)
-CNN_CLASSES = 10
-CNN_LR = 0.01
-#: Training steps compared (losses) before timing.
-CNN_CHECK_STEPS = 3
-#: (JSON key, table label) of the two CNN peers; ratios are the first's time over the second's.
-CNN_PEERS: Tuple[Tuple[str, str], ...] = (("torch", "torch.nn.BatchNorm2d"),
-                                          ("darknet_bn", "darknet_bn.torch.BatchNorm2d"))
-
-
-def cnn_description(input_shape: Sequence[int], channels: Sequence[int] = CNN_CHANNELS) -> str:
-    blocks = "/".join(str(c) for c in channels)
-    return (f"{shape_label(input_shape)} input, {len(channels)} conv3x3+BN+ReLU blocks ({blocks} channels, "
-            f"2x2 max pool between), global avg pool, linear, cross-entropy, SGD momentum 0.9")
-
-
-def make_cnn(torch: Any, in_channels: int, channels: Sequence[int] = CNN_CHANNELS,
-             classes: int = CNN_CLASSES) -> Any:
-    """The benchmark's small CNN with ``torch.nn.BatchNorm2d`` (random weights from torch's generator)."""
-    nn = torch.nn
-    layers: List[Any] = []
-    c_in = in_channels
-    for i, c in enumerate(channels):
-        layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-        if i < len(channels) - 1:
-            layers.append(nn.MaxPool2d(2))
-        c_in = c
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
-    return nn.Sequential(*layers)
-
-
-class CnnPeer:
-    """One model of the CNN row with its own SGD optimizer, training on a fixed batch."""
-
-    def __init__(self, torch: Any, model: Any, x: Any, target: Any, name: str, label: str) -> None:
-        self.torch, self.model, self.x, self.target = torch, model, x, target
-        self.name, self.label = name, label
-        self.opt = torch.optim.SGD(model.parameters(), lr=CNN_LR, momentum=0.9)
-        self.loss: Any = None
-
-    def step(self) -> None:
-        """One full training step: forward, loss, backward, optimizer step."""
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.target)
-        loss.backward()
-        self.opt.step()
-        self.loss = loss
-
-
-def make_cnn_peers(torch: Any, input_shape: Shape, seed: int = 0) -> List[CnnPeer]:
-    """The torch model and its darknet_bn conversion, same initial weights, same data."""
-    from darknet_bn.torch import convert_model
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = make_cnn(torch, input_shape[1])
-    x = torch.randn(input_shape, generator=gen)
-    target = torch.randint(0, CNN_CLASSES, (input_shape[0],), generator=gen)
-    models = [copy.deepcopy(base), convert_model(copy.deepcopy(base))]
-    return [CnnPeer(torch, m, x, target, name, label) for m, (name, label) in zip(models, CNN_PEERS)]
-
-
-def bench_cnn(
-    torch: Any,
-    input_shape: Shape,
-    threads_list: Sequence[int],
-    reps: Optional[int],
-    min_time: float,
-    budget: float,
-    max_reps: int,
-    progress: Callable[[float, str], None],
-) -> Dict[str, Any]:
-    """Time a CNN training step with torch's batch norm and with darknet_bn's, at each thread count.
-
-    First both models take ``CNN_CHECK_STEPS`` steps from the same weights and
-    their losses are compared (relative difference <= AGREE_TOL). Then, per
-    thread count: a warm-up, the inner loop count, and ``reps`` samples
-    interleaved across the two models (``reps`` None: from ``budget``).
-    """
-    peers = make_cnn_peers(torch, input_shape)
-    set_threads(max(threads_list), torch)
-    losses: Dict[str, List[float]] = {p.name: [] for p in peers}
-    for _ in range(CNN_CHECK_STEPS):
-        for p in peers:
-            p.step()
-            losses[p.name].append(p.loss.item())
-    base, other = (losses[name] for name, _ in CNN_PEERS)
-    worst = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(base, other))
-    agreement = {"losses": losses, "max_rel_diff": worst, "agree": bool(worst <= AGREE_TOL),
-                 "tolerance": AGREE_TOL}
-    results = []
-    for threads in threads_list:
-        set_threads(threads, torch)
-        label = f"CNN {shape_label(input_shape)} @{threads}t"
-        inner: Dict[str, int] = {}
-        one_rep = 0.0
-        for p in peers:
-            p.step()
-            inner[p.name] = calibrate(p.step, min_time)
-            one_rep += _timed(p.step, inner[p.name]) * inner[p.name]
-        progress(0.2, f"{label} warm")
-        n_reps = reps if reps is not None else int(min(max_reps, max(3, budget // max(one_rep, 1e-9))))
-        samples: Dict[str, List[float]] = {p.name: [] for p in peers}
-        for r in range(n_reps):
-            for p in peers:
-                time.sleep(SETTLE_S)
-                samples[p.name].append(_timed(p.step, inner[p.name]))
-            progress(0.8 / n_reps, f"{label} rep {r + 1}/{n_reps}")
-        med = {name: statistics.median(v) for name, v in samples.items()}
-        dn = med[CNN_PEERS[-1][0]]
-        results.append({
-            "threads": threads,
-            "darknet_bn_threads": darknet_bn.get_num_threads(),
-            "torch_threads": torch.get_num_threads(),
-            "reps": n_reps,
-            "peers": {
-                p.name: {"label": p.label, "step_s": med[p.name], "samples": samples[p.name],
-                         "inner": inner[p.name], "ratio": med[p.name] / dn}
-                for p in peers
-            },
-        })
-    return {
-        "input": list(input_shape),
-        "channels": list(CNN_CHANNELS),
-        "classes": CNN_CLASSES,
-        "model": cnn_description(input_shape),
-        "baseline": CNN_PEERS[-1][0],
-        "openmp_env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")},
-        "agreement": agreement,
-        "results": results,
-    }
-
-
-def cnn_table(cnn: Dict[str, Any]) -> str:
-    """The CNN row's table: per thread count, each model's median step time and the ratio."""
-    lines = [f"== CNN training step ({cnn['model']}) =="]
-    lines.append(f"{'threads':<8} " + " ".join(f"{label:>30}" for _, label in CNN_PEERS) + f" {'ratio':>8}")
-    for res in cnn["results"]:
-        times = " ".join(f"{fmt_time(res['peers'][name]['step_s']):>30}" for name, _ in CNN_PEERS)
-        ratio = res["peers"][CNN_PEERS[0][0]]["ratio"]
-        lines.append(f"{res['threads']:<8} {times} {ratio:7.2f}x")
-    agr = cnn["agreement"]
-    lines.append(f"Median time per step ({cnn['results'][0]['reps']} reps). ratio = torch.nn.BatchNorm2d step time")
-    lines.append("/ the converted model's: above 1x the darknet_bn model trains faster. Convolutions, pooling and")
-    lines.append("the optimizer are torch's in both models. With several threads, darknet_bn's workers (which")
-    lines.append("sleep between calls) share the cores with torch's OpenMP workers, which spin-wait after each op")
-    lines.append(f"(OMP_WAIT_POLICY={cnn['openmp_env'].get('OMP_WAIT_POLICY') or 'unset'}).")
-    lines.append(f"Losses of the first {len(agr['losses'][CNN_PEERS[0][0]])} steps agree to a relative "
-                 f"{agr['max_rel_diff']:.1e} (tolerance {agr['tolerance']:g}).")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- reporting
-
-
-def fmt_time(s: float) -> str:
-    """A time per call with a unit that keeps 3-4 significant digits."""
-    if s >= 1:
-        return f"{s:8.3f} s "
-    if s >= 1e-3:
-        return f"{s * 1e3:8.3f} ms"
-    return f"{s * 1e6:8.2f} us"
-
-
-def fmt_size(megabytes: float) -> str:
-    """``102.76`` -> "103 MB", ``0.26`` -> "262 KB"."""
-    if megabytes >= 10:
-        return f"{megabytes:.0f} MB"
-    if megabytes >= 1:
-        return f"{megabytes:.1f} MB"
-    return f"{megabytes * 1e3:.2g} KB" if megabytes < 0.01 else f"{megabytes * 1e3:.0f} KB"
-
-
-def shape_label(shape: Sequence[int]) -> str:
-    return "x".join(str(v) for v in shape)
 
 
 def table(cells: Sequence[Dict[str, Any]]) -> str:
@@ -848,35 +689,6 @@ def plot(cells: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     return path
 
 
-def machine_info(torch: Any) -> Dict[str, Any]:
-    """CPU model, core counts, library versions and the date."""
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "darknet_bn": darknet_bn.info(),
-        "torch": torch.__version__ if torch is not None else None,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -887,6 +699,11 @@ BYTES_PER_VALUE = 48 * 4
 #: Bytes the CNN row holds per input pixel (batch*h*w) at its peak, plus 8 per input channel
 #: value: activations and gradients of both models (measured 275 floats on 32x3x128x128).
 CNN_BYTES_PER_PIXEL = 300 * 4
+#: Bytes the ResNet section holds per input pixel (batch*h*w) at its peak (measured about 770:
+#: activations and gradients of both models, 16x3x112x112), and its fixed part (weights,
+#: gradients and momentum of both models, about 280 MB).
+RESNET_BYTES_PER_PIXEL = 1500
+RESNET_FIXED_BYTES = 400 * 2**20
 
 
 def _check_memory(text: str, needed: int, what: str) -> None:
@@ -915,6 +732,29 @@ def parse_cnn_input(text: str) -> Shape:
     return shape
 
 
+#: Least values per channel (batch * h * w) the ResNet's last stage must keep. With 2, a training
+#: batch norm's input gradient is 0 in exact arithmetic and rounding noise in float32 (x_hat is
+#: +-1), so no two implementations agree on it; 4 leaves a well-conditioned gradient.
+RESNET_MIN_LAST_VALUES = 4
+
+
+def parse_resnet_input(text: str) -> Shape:
+    """``"16x3x112x112"`` -> (16, 3, 112, 112); the last stage (h and w divided by 32, rounded up) must
+    keep batch*h*w >= :data:`RESNET_MIN_LAST_VALUES` values per channel, and the ResNet section's
+    memory (:data:`RESNET_BYTES_PER_PIXEL`, :data:`RESNET_FIXED_BYTES`) must fit."""
+    shape = _cli.shape(min_values_per_channel=2)(text)
+    b, c, h, w = shape
+    hf, wf = resnet_final_hw(h, w)
+    if b * hf * wf < RESNET_MIN_LAST_VALUES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} leaves {b * hf * wf} value(s) per channel at the last stage (batch * h/32 * w/32, rounded "
+            f"up); the benchmark needs at least {RESNET_MIN_LAST_VALUES} (fewer make the batch-norm gradients "
+            f"rounding noise)")
+    _check_memory(text, b * h * w * RESNET_BYTES_PER_PIXEL + b * c * h * w * 16 + RESNET_FIXED_BYTES,
+                  "the ResNet's weights and activations")
+    return shape
+
+
 def _bandwidth_mb_type() -> Callable[[str], int]:
     """``--bandwidth-mb``: 1 MB up to what two buffers of that size leave of physical memory."""
     total = _cli.physical_memory()
@@ -925,26 +765,42 @@ def _bandwidth_mb_type() -> Callable[[str], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options; every value is checked while parsing (darknet_bn._cli)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads_text = ", ".join(str(n) for n in default_threads())
     p = _cli.ArgumentParser(
         prog="python -m darknet_bn.bench",
         description="Time darknet_bn's batch-norm layer (training step and inference) against PyTorch, "
-                    "NumPy and the reference C loops, side by side in one process (docs/reference.md §7).",
-        epilog="Writes bench.json, bench.txt and bench.png into --out. Ratios are peer / darknet_bn.",
+                    "NumPy and the reference C loops, side by side in one process (docs/reference.md §7); "
+                    "with PyTorch also inside a PyTorch process, on channels-last tensors, in a small CNN "
+                    "and in a ResNet-18-like model.",
+        epilog="Writes bench.json, bench.txt, bench.png and bench_threads.png into --out. "
+               "Ratios are peer / darknet_bn.",
     )
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="BxCxHxW",
                    help="shapes to time (default: docs/reference.md §7's six; with --quick the three small ones)")
     p.add_argument("--threads", nargs="+", type=_cli.threads, metavar="N",
-                   help=f"thread counts, 1 to {_cli.MAX_THREADS} (default: 1 and all usable cores, here {usable})")
+                   help=f"thread counts, 1 to {_cli.MAX_THREADS} (default: 1, 2 and all usable cores, "
+                        f"deduplicated; here {threads_text})")
     p.add_argument("--reps", type=_cli.integer(1), default=None,
                    help="repetitions per (shape, threads), >= 1; default: chosen per shape from a time budget")
-    p.add_argument("--quick", action="store_true", help="small shapes only and fewer repetitions")
-    p.add_argument("--out", type=_cli.output_dir, default=os.path.join("results", "bench"),
-                   help="output directory, created if missing (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="small shapes and inputs only, fewer repetitions")
+    p.add_argument("--out", type=_cli.output_dir, default=os.path.join("docs", "bench", machine_slug()),
+                   help="output directory, created if missing (default: docs/bench/<machine slug>, "
+                        "here %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
+    p.add_argument("--no-in-torch", action="store_true",
+                   help="skip the 'inside a PyTorch process' section (each call right after a PyTorch op)")
+    p.add_argument("--channels-last-shape", type=parse_shape, default=None, metavar="BxCxHxW",
+                   help="shape of the channels-last module row (default: 8x128x52x52; 4x16x8x8 with --quick)")
+    p.add_argument("--no-channels-last", action="store_true", help="skip the channels-last row")
     p.add_argument("--cnn-input", type=parse_cnn_input, default=CNN_INPUT, metavar="BxCxHxW",
                    help="input of the CNN training-step row (default: 16x3x64x64; needs torch)")
     p.add_argument("--no-cnn", action="store_true", help="skip the CNN training-step row")
+    p.add_argument("--resnet-input", type=parse_resnet_input, default=None, metavar="BxCxHxW",
+                   help="input of the ResNet-18-like section (default: 16x3x112x112; 4x3x64x64 with --quick)")
+    p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18-like section")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="also run the CNN and ResNet sections in a child process started with "
+                        "OMP_WAIT_POLICY=PASSIVE, and report both")
     p.add_argument("--min-time", type=_cli.positive_real, default=None, metavar="SECONDS",
                    help="least seconds per sample; fast calls are looped (default 0.005, 0.002 with --quick)")
     p.add_argument("--budget", type=_cli.positive_real, default=None, metavar="SECONDS",
@@ -966,11 +822,48 @@ def _import_torch(disabled: bool) -> Any:
     return torch
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; print the table; write bench.json/.txt/.png.
+def _open_bar(total: float, enabled: bool) -> Any:
+    """A tqdm progress bar on stderr counting cells, or None (no tqdm, or disabled)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, file=sys.stderr, unit="cell", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total} cells [{elapsed}<{remaining}]")
 
-    Returns 0; 1 if peers disagree or the results cannot be written; 2 if --out cannot be created.
-    A bad option value exits with status 2 and one line on stderr before anything runs.
+
+def _report_parts(machine: Dict[str, Any], cells: Sequence[Dict[str, Any]], sections: Dict[str, Any],
+                  targets: Sequence[Dict[str, Any]]) -> List[str]:
+    """The blocks of bench.txt: the machine, the layer table, its targets, every other section that ran,
+    the targets summary."""
+    passive = sections.get("omp_passive") or {}
+    parts = [machine_text(machine), table(cells)]
+    if any("torch" in c["peers"] for c in cells):
+        parts.append(_bench_targets.layer_table(cells))
+    if sections.get("in_torch"):
+        parts.append(in_torch_table(sections["in_torch"]))
+    if sections.get("channels_last"):
+        parts.append(channels_last_table(sections["channels_last"]))
+    if sections.get("cnn"):
+        parts.append(cnn_table(sections["cnn"], passive.get("cnn")))
+    if sections.get("resnet"):
+        parts.append(resnet_table(sections["resnet"], passive.get("resnet")))
+    elif passive.get("resnet"):
+        parts.append(resnet_table(passive["resnet"]))
+    if passive.get("error"):
+        parts.append(f"OMP_WAIT_POLICY=PASSIVE run failed: {passive['error']}")
+    parts.append(_bench_targets.summary(targets))
+    return parts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark; print the tables; write bench.json/.txt/.png and bench_threads.png.
+
+    Returns 0; 1 if peers disagree, a requested section fails or the results cannot be written;
+    2 if --out cannot be created. A bad option value exits with status 2 and one line on stderr
+    before anything runs.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -983,19 +876,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     torch = _import_torch(args.no_torch)
     shapes: List[Shape] = list(args.shapes or (QUICK_SHAPES if args.quick else SHAPES))
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads_list = sorted(set(args.threads or [1, min(usable, _cli.MAX_THREADS)]))
+    threads_list = sorted(set(args.threads or default_threads()))
     min_time = args.min_time if args.min_time is not None else (0.002 if args.quick else 0.005)
     budget = args.budget if args.budget is not None else (1.5 if args.quick else 6.0)
     max_reps = 5 if args.quick else 15
+    cl_shape = args.channels_last_shape or (CHANNELS_LAST_QUICK_SHAPE if args.quick else CHANNELS_LAST_SHAPE)
+    resnet_input = args.resnet_input or (RESNET_QUICK_INPUT if args.quick else RESNET_INPUT)
+    profile_steps = 2 if args.quick else RESNET_PROFILE_STEPS
+    run_in_torch = torch is not None and not args.no_in_torch
+    run_cl = torch is not None and not args.no_channels_last
+    run_cnn = torch is not None and not args.no_cnn
+    run_resnet = torch is not None and not args.no_resnet
+    run_passive = args.omp_passive and (run_cnn or run_resnet)
+    if args.omp_passive and not run_passive:
+        print("--omp-passive: nothing to rerun (it reruns the CNN and ResNet sections, which need torch)",
+              file=sys.stderr)
     old_threads = darknet_bn.get_num_threads()
     old_torch_threads = torch.get_num_threads() if torch is not None else None
 
     machine = machine_info(torch)
-    print(f"darknet_bn {machine['darknet_bn']['version']} ({machine['darknet_bn']['simd']}), "
-          f"torch {machine['torch'] or 'not used'}, numpy {machine['numpy']}; "
-          f"{machine['cpu_model']}, {usable} usable cores"
-          + (f", load average {machine['load_average_start'][0]:.2f}" if machine["load_average_start"] else ""))
+    print(machine_text(machine))
+    if machine["load_average_start"]:
+        print(f"load average {machine['load_average_start'][0]:.2f}; threads {threads_list}")
 
     # Are the peers computing the same thing?
     set_threads(max(threads_list), torch)
@@ -1005,16 +907,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"on {shape_label(CHECK_SHAPE)}; tolerance {AGREE_TOL:g})" if check["agree"] else
           f"PEERS DISAGREE: max |diff| = {worst:.2e} > {AGREE_TOL:g}: {check['per_peer']}")
 
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    run_cnn = torch is not None and not args.no_cnn
-    n_cells = len(shapes) * len(threads_list) + (len(threads_list) if run_cnn else 0)
-    bar = None
-    if tqdm is not None and not args.no_progress:
-        bar = tqdm(total=n_cells, file=sys.stderr, unit="cell", dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n:.1f}/{total} cells [{elapsed}<{remaining}]")
+    per_threads = len(threads_list)
+    n_cells = (len(shapes) * per_threads * (2 if run_in_torch else 1)
+               + per_threads * (run_cl + run_cnn + run_resnet)
+               + (per_threads * (run_cnn + run_resnet) if run_passive else 0))
+    bar = _open_bar(n_cells, not args.no_progress)
 
     def progress(amount: float, text: str) -> None:
         if bar is not None:
@@ -1027,18 +924,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bandwidth[n] = copy_bandwidth(n, args.bandwidth_mb)
     cells: List[Dict[str, Any]] = []
     shape_checks: List[Dict[str, Any]] = []
+    sections: Dict[str, Any] = {"in_torch": None, "channels_last": None, "cnn": None, "resnet": None,
+                                "omp_passive": None}
+    if run_in_torch:
+        sections["in_torch"] = {"op": torch_op_description(), "results": []}
+    timing = dict(reps=args.reps, min_time=min_time, budget=budget, max_reps=max_reps, progress=progress)
     try:
+        op = make_torch_op(torch) if run_in_torch else None
         for shape in shapes:
             progress(0.0, f"{shape_label(shape)} setup")
             peers = make_peers(shape, torch)
             set_threads(max(threads_list), torch)
             shape_checks.append(check_agreement(peers))
             for n in threads_list:
-                cells.append(bench_cell(peers, n, torch, bandwidth[n], args.reps, min_time, budget, max_reps,
-                                        progress))
+                cell = bench_cell(peers, n, torch, bandwidth[n], args.reps, min_time, budget, max_reps, progress)
+                cells.append(cell)
+                if op is not None:
+                    res = in_torch_cell(peers, cell, n, op, **timing)
+                    if res is not None:
+                        sections["in_torch"]["results"].append(res)
             del peers
-        cnn = (bench_cnn(torch, args.cnn_input, threads_list, args.reps, min_time, budget, max_reps, progress)
-               if run_cnn else None)
+        if run_cl:
+            sections["channels_last"] = bench_channels_last(torch, cl_shape, threads_list, **timing)
+        if run_cnn:
+            sections["cnn"] = bench_cnn(torch, args.cnn_input, threads_list, args.reps, min_time, budget, max_reps,
+                                        progress)
+        if run_resnet:
+            sections["resnet"] = bench_resnet(torch, resnet_input, threads_list, **timing, profile_steps=profile_steps)
+        if run_passive:
+            sections["omp_passive"] = _bench_passive.run({
+                "cnn_input": list(args.cnn_input) if run_cnn else None,
+                "resnet_input": list(resnet_input) if run_resnet else None,
+                "threads": threads_list, "reps": args.reps, "min_time": min_time, "budget": budget,
+                "max_reps": max_reps, "profile_steps": profile_steps,
+            }, progress)
     finally:
         if bar is not None:
             bar.close()
@@ -1046,18 +965,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if torch is not None:
             torch.set_num_threads(old_torch_threads)
 
-    text = table(cells)
-    if cnn is not None:
-        text += "\n\n" + cnn_table(cnn)
+    machine["darknet_bn_end"] = darknet_bn.info()
+    passive = sections["omp_passive"] or {}
+    resnets = [r for r in (sections["resnet"], passive.get("resnet")) if r]
+    targets = _bench_targets.collect(cells, sections["in_torch"], sections["channels_last"], resnets)
+    parts = _report_parts(machine, cells, sections, targets)
+    text = "\n\n".join(parts)
     print()
-    print(text)
+    print("\n\n".join(parts[1:]))  # the machine was printed at the start
     all_agree = check["agree"] and all(c["agree"] for c in shape_checks)
     worst_shape = max((c["max_scaled_diff"] for c in shape_checks), default=0.0)
     if not all(c["agree"] for c in shape_checks):
         print(f"PEERS DISAGREE on a benchmark shape: max |diff| = {worst_shape:.2e}", file=sys.stderr)
-    if cnn is not None and not cnn["agreement"]["agree"]:
-        print(f"CNN LOSSES DISAGREE: max relative diff {cnn['agreement']['max_rel_diff']:.2e}", file=sys.stderr)
-        all_agree = False
+    agreements = [("CNN LOSSES", sections["cnn"]), ("CNN LOSSES (PASSIVE)", passive.get("cnn")),
+                  ("RESNET", sections["resnet"]), ("RESNET (PASSIVE)", passive.get("resnet")),
+                  ("CHANNELS-LAST OUTPUTS", sections["channels_last"])]
+    for what, section in agreements:
+        if section is not None and not section["agreement"]["agree"]:
+            agr = section["agreement"]
+            numbers = ", ".join(f"{k} {v:.2e}" for k, v in agr.items() if isinstance(v, float))
+            print(f"{what} DISAGREE: {numbers}", file=sys.stderr)
+            all_agree = False
+    status = 0 if all_agree else 1
+    if passive.get("error"):
+        print(f"OMP_WAIT_POLICY=PASSIVE run failed: {passive['error']}", file=sys.stderr)
+        status = 1
 
     wall = time.perf_counter() - start
     report = {
@@ -1074,18 +1006,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "passes": list(PASSES),
             "roofline_floats_per_value": ROOF_FLOATS,
             "cnn_input": list(args.cnn_input) if run_cnn else None,
+            "in_torch_op": sections["in_torch"]["op"] if run_in_torch else None,
+            "channels_last_shape": list(cl_shape) if run_cl else None,
+            "resnet_input": list(resnet_input) if run_resnet else None,
+            "resnet_profile_steps": profile_steps if run_resnet else None,
+            "omp_passive": bool(run_passive),
         },
         "agreement": {"check": check, "shapes": shape_checks, "agree": all_agree},
         "copy_bandwidth": {str(n): bw for n, bw in bandwidth.items()},
         "results": cells,
-        "cnn": cnn,
+        "in_torch": sections["in_torch"],
+        "channels_last": sections["channels_last"],
+        "cnn": sections["cnn"],
+        "resnet": sections["resnet"],
+        "omp_passive": sections["omp_passive"],
+        "targets": targets,
+        "figures": [],
         "wall_time_s": None,
     }
     try:
         os.makedirs(args.out, exist_ok=True)
         png = plot(cells, os.path.join(args.out, "bench.png"))
+        png_threads = plot_threads(cells, sections["in_torch"], os.path.join(args.out, "bench_threads.png"))
         if png is None:
-            print("matplotlib is not installed: no bench.png (pip install 'darknet_bn[bench]')", file=sys.stderr)
+            print("matplotlib is not installed: no bench.png or bench_threads.png (pip install 'darknet_bn[bench]')",
+                  file=sys.stderr)
+        report["figures"] = [os.path.basename(f) for f in (png, png_threads) if f]
         wall = time.perf_counter() - start
         report["wall_time_s"] = wall
         if hasattr(os, "getloadavg"):
@@ -1097,9 +1043,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:  # --out was writable at the start; it no longer is
         print(f"{parser.prog}: error: cannot write the results into {args.out!r}: {exc}", file=sys.stderr)
         return 1
-    print(f"\nwall time {wall:.1f} s; wrote {os.path.join(args.out, 'bench.json')}"
-          + (f", {png}" if png else "") + f", {os.path.join(args.out, 'bench.txt')}")
-    return 0 if all_agree else 1
+    written = [os.path.join(args.out, "bench.json")] + [f for f in (png, png_threads) if f] + [
+        os.path.join(args.out, "bench.txt")]
+    print(f"\nwall time {wall:.1f} s; wrote {', '.join(written)}")
+    return status
 
 
 if __name__ == "__main__":
