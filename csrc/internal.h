@@ -1,15 +1,20 @@
 /*
  * internal.h - what the library's own sources share; not installed.
  *
- * Four pieces:
- *   - row primitives: the inner loops over one contiguous run of floats of one
- *     channel (and their channel-vector twins for spatial == 1), compiled twice
- *     from rows.inc.h (portable and AVX2+FMA) and chosen once at run time;
+ * Five pieces:
+ *   - the machine-dependent choices (tuning.c);
  *   - the channel partition: how a (batch, filters, spatial) tensor is cut into
  *     work units (groups of channels, or parts of a channel when there are
  *     fewer channels than threads; tiles of channels when spatial == 1);
+ *   - row primitives: the inner loops over one contiguous run of floats of one
+ *     channel, their channel-vector twins for spatial == 1, and the unit
+ *     primitives over a whole unit; compiled twice from rows.inc.h (portable
+ *     and AVX2+FMA) and chosen once at run time;
  *   - parallel_for: runs work units on the library's threads;
- *   - per-channel moments and the reduce/map drivers built on the above.
+ *   - the merge of per-channel moments.
+ * Every layer call and kernel is: validate, describe the pass, then
+ * dnbn_parallel_for over the partition's units with one phase function
+ * (batchnorm_layer.c, blas.c) whose loop calls the primitives.
  */
 #ifndef DARKNET_BN_INTERNAL_H
 #define DARKNET_BN_INTERNAL_H
@@ -170,15 +175,8 @@ extern const dnbn_rows dnbn_rows_avx2;
 /* The table for this CPU (AVX2+FMA when present, unless DARKNET_BN_SIMD=generic). */
 const dnbn_rows *dnbn_rows_active(void);
 
-/* Number of units, first channel of a unit, and its number of channels. */
+/* Number of units of a partition. */
 idx_t dnbn_units(const dnbn_part *pt);
-idx_t dnbn_unit_first(const dnbn_part *pt, idx_t unit);
-idx_t dnbn_unit_channels(const dnbn_part *pt, idx_t unit);
-
-/* Calls fn(ctx, f, offset, len) for every contiguous run [offset, offset+len)
- * of channel f's values in unit u, in memory order. */
-typedef void (*dnbn_run_fn)(void *ctx, idx_t f, idx_t offset, idx_t len);
-void dnbn_for_runs(const dnbn_part *pt, idx_t unit, dnbn_run_fn fn, void *ctx);
 
 /* ---- threads -------------------------------------------------------------
  * Runs fn(ctx, lo, hi) over [0, n) in chunks, on the calling thread and on up
@@ -193,44 +191,6 @@ void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx);
 
 /* Threads worth using for `work` element operations (at least 1). */
 int dnbn_threads_for(idx_t work);
-
-/* ---- channel drivers ------------------------------------------------------
- * dnbn_reduce_channels computes a per-channel reduction of up to three doubles:
- * unit(ctx, u, acc) fills acc[k] with the partial of channel first+k of unit
- * u, merge(a, b) folds b into a (NULL: elementwise addition) in unit order,
- * and finish(ctx, f, acc) receives channel f's total. With whole channels per
- * unit, finish runs on the worker that computed it; otherwise partials are
- * merged on the calling thread.
- * dnbn_map_units runs unit(ctx, u) for every unit in parallel. */
-typedef struct dnbn_reduce {
-    void (*unit)(void *ctx, idx_t unit, double (*acc)[3]);
-    void (*merge)(double a[3], const double b[3]);
-    void (*finish)(void *ctx, idx_t f, const double acc[3]);
-    void *ctx;
-} dnbn_reduce;
-
-void dnbn_reduce_channels(const dnbn_part *pt, const dnbn_reduce *r);
-void dnbn_map_units(const dnbn_part *pt, void (*unit)(void *ctx, idx_t unit), void *ctx);
-
-/* An elementwise pass needs no channel order: dnbn_map_rows calls
- * fn(ctx, f, offset, spatial) for every row (b, f) in memory order, the rows
- * split among threads in contiguous ranges, one plain stream through memory.
- * Worth it when rows are long enough to amortize per-row work. */
-#define DNBN_ROW_ORDER_MIN_SPATIAL 64
-void dnbn_map_rows(const dnbn_part *pt, dnbn_run_fn fn, void *ctx);
-
-/* ---- channel tiles (spatial == 1) ----------------------------------------
- * A fully connected tensor is (batch, filters) row-major: work units are tiles
- * of up to DNBN_TILE consecutive channels, vectorized across channels. */
-typedef struct dnbn_tiles {
-    idx_t batch, filters, tile;
-    int threads;
-} dnbn_tiles;
-
-dnbn_tiles dnbn_tile_partition(int batch, int filters);
-
-/* Runs fn(ctx, f0, n) for every tile [f0, f0 + n) in parallel. */
-void dnbn_map_tiles(const dnbn_tiles *t, void (*fn)(void *ctx, idx_t f0, idx_t n), void *ctx);
 
 /* ---- per-channel moments -------------------------------------------------
  * acc = {n, mean, m2}: count, mean and sum of squared deviations. */

@@ -1423,8 +1423,8 @@ static void test_paths_run_what_they_name(void)
                ch.threads == 2 && ch.parts == 1 && ch.group >= 2 && ch.group < 8);
     dnbn_part gr = dnbn_partition(8, 64, 24 * 24);
     check_true(tn, "groups: 2 threads, >= 8 channels per unit", gr.threads == 2 && gr.parts == 1 && gr.group >= 8);
-    dnbn_tiles fc = dnbn_tile_partition(8192, 40);
-    check_true(tn, "fc: 2 threads over tiles", fc.threads == 2 && fc.tile < 40);
+    dnbn_part fc = dnbn_partition(8192, 40, 1);
+    check_true(tn, "fc: 2 threads over tiles", fc.threads == 2 && fc.parts == 1 && fc.group < 40);
     dnbn_set_num_threads(3);
     dnbn_part sp = dnbn_partition(2, 2, 320 * 320);
     check_true(tn, "split: 3 threads, channels cut in parts", sp.threads == 3 && sp.parts > 1);
