@@ -13,6 +13,11 @@ import zlib
 import numpy as np
 import pytest
 
+# The tests that name a work split (tests/_reliability.py PATHS) need a known
+# thread threshold: the library calibrates it from the machine otherwise
+# (docs/reference.md §5). Read by the library at its first parallel call.
+os.environ.setdefault("DARKNET_BN_MIN_WORK", "65536")
+
 # The oracle and these helpers are imported by the test modules as plain modules.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:

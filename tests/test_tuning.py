@@ -12,6 +12,7 @@ import sys
 from typing import Any, Dict
 
 import numpy as np
+import pytest
 
 import darknet_bn
 
@@ -93,3 +94,22 @@ np.save(OUT, np.stack([y, dx, z]))
         results.append(np.load(path))
         os.unlink(path)
     assert results[0].tobytes() == results[1].tobytes()
+
+
+def test_named_work_splits_run_on_their_threads():
+    """The suite's PATHS shapes take the thread split they are named for (conftest fixes the threshold)."""
+    from _reliability import PATHS
+    if os.environ.get("DARKNET_BN_MIN_WORK") != "65536":
+        pytest.skip("DARKNET_BN_MIN_WORK was set to something else before the suite started")
+    old = darknet_bn.get_num_threads()
+    darknet_bn.set_num_threads(2)
+    try:  # a parallel call makes the library read its threshold
+        layer = darknet_bn.BatchNormLayer(4, 64, 64, 16)
+        layer.forward(np.ones((4, 16, 64, 64), np.float32) + np.arange(64, dtype=np.float32), train=True)
+    finally:
+        darknet_bn.set_num_threads(old)
+    t = darknet_bn.info()["tuning"]
+    assert (t["min_work_per_thread"], t["min_work_source"]) == (65536, "DARKNET_BN_MIN_WORK")
+    for name, (shape, threads) in PATHS.items():
+        values = int(np.prod(shape))
+        assert values // t["min_work_per_thread"] >= threads, (name, shape, threads)
