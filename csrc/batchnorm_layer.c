@@ -403,7 +403,7 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
     if (!layer_ok(l) || !net.input || (net.train && !train_buffers_ok(l))) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial);
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial, 1);
     pass p = make_pass(l, &pt, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
                        net.train ? DNBN_PASS_FORWARD_TRAIN : DNBN_PASS_FORWARD_INFER);
     p.y = l->output;
@@ -438,7 +438,7 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
 {
     if (!layer_ok(l) || !l->x || !l->x_norm) return DNBN_ERR_ARG;
     if (!l->trained) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 1);
     pass p = make_pass(l, &pt, l->x, 2, DNBN_PASS_FILL);
     p.xn = l->x_norm; /* the forward's own arithmetic on x (= its input), x_norm only */
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
@@ -453,7 +453,7 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
 {
     if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 2);
     pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD);
     if (pt.parts == 1) {
         dnbn_parallel_for(dnbn_units(&pt), pt.threads, backward_units, &p);
@@ -486,7 +486,7 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
                                     const double *m2)
 {
     if (!layer_ok(l) || !train_buffers_ok(l) || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 1);
     pass p = make_pass(l, &pt, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
     for (idx_t f = 0; f < l->out_c; f++) finish_stats(l, f, count, mean[f], m2[f]);
     p.x = l->x == input ? NULL : l->x;
@@ -503,7 +503,7 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
     /* reads x and delta_in only: the layer's delta and update buffers may be NULL */
     if (!layer_ok(l) || !l->x || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 2);
     pass p = make_pass(l, &pt, delta_in, 0, -1);
     double partial[MAX_PARTIALS][3];
     p.sums[0] = sum_dy;
@@ -524,7 +524,7 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
     if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in || !sum_dy || !sum_dy_dev || !(count >= 1))
         return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w);
+    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 2);
     pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
     p.count = count;
     for (idx_t f = 0; f < l->out_c; f++) finish_sums(l, f, count, sum_dy[f], sum_dy_dev[f]);

@@ -104,7 +104,7 @@ static void reduce(reduction *rd, int batch, int filters, int spatial)
 {
     if (!sizes_ok(batch, filters, spatial)) return;
     rd->r = dnbn_rows_active();
-    rd->pt = dnbn_partition(batch, filters, spatial);
+    rd->pt = dnbn_partition(batch, filters, spatial, 1); /* one pass */
     /* parts > 1 only when filters < threads <= DNBN_MAX_THREADS: fewer units than this */
     double partial[2 * DNBN_MAX_THREADS];
     rd->partial = rd->pt.parts > 1 ? partial : NULL;
@@ -234,7 +234,7 @@ static void map(elementwise *ew, int batch, int filters, int spatial)
 {
     if (!sizes_ok(batch, filters, spatial)) return;
     ew->r = dnbn_rows_active();
-    ew->pt = dnbn_partition(batch, filters, spatial);
+    ew->pt = dnbn_partition(batch, filters, spatial, 1);
     dnbn_parallel_for(dnbn_units(&ew->pt), ew->pt.threads, map_units, ew);
 }
 

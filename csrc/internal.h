@@ -115,7 +115,9 @@ typedef struct dnbn_unit {
     idx_t f0, nf, j0, j1;
 } dnbn_unit;
 
-dnbn_part dnbn_partition(int batch, int filters, int spatial);
+/* The partition of a pass whose units are read `reads` tensors at a time
+ * (forward 1: the input; backward 2: delta and x). */
+dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads);
 dnbn_unit dnbn_unit_at(const dnbn_part *pt, idx_t unit);
 
 /* ---- row primitives ----------------------------------------------------

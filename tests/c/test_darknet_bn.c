@@ -1418,15 +1418,15 @@ static void test_paths_run_what_they_name(void)
     const char *tn = "work split of the PATHS shapes";
     int saved = dnbn_get_num_threads();
     dnbn_set_num_threads(2);
-    dnbn_part ch = dnbn_partition(2, 8, 128 * 128);
+    dnbn_part ch = dnbn_partition(2, 8, 128 * 128, 1);
     check_true(tn, "channels: 2 threads, whole channels, 2..8 per unit",
                ch.threads == 2 && ch.parts == 1 && ch.group >= 2 && ch.group < 8);
-    dnbn_part gr = dnbn_partition(8, 64, 24 * 24);
+    dnbn_part gr = dnbn_partition(8, 64, 24 * 24, 1);
     check_true(tn, "groups: 2 threads, >= 8 channels per unit", gr.threads == 2 && gr.parts == 1 && gr.group >= 8);
-    dnbn_part fc = dnbn_partition(8192, 40, 1);
+    dnbn_part fc = dnbn_partition(8192, 40, 1, 1);
     check_true(tn, "fc: 2 threads over tiles", fc.threads == 2 && fc.parts == 1 && fc.group < 40);
     dnbn_set_num_threads(3);
-    dnbn_part sp = dnbn_partition(2, 2, 320 * 320);
+    dnbn_part sp = dnbn_partition(2, 2, 320 * 320, 1);
     check_true(tn, "split: 3 threads, channels cut in parts", sp.threads == 3 && sp.parts > 1);
     dnbn_set_num_threads(saved);
 }
