@@ -37,6 +37,21 @@ static inline rv4d ROWS(ld4d)(const float *p)
 #endif
 }
 
+/* Software prefetch for the passes that read a tensor from memory first (the
+ * statistics, the backward sums, the reduction kernels): one
+ * request per 64-byte line, PREFETCH_AHEAD bytes ahead of the loads. The
+ * hardware prefetchers alone left a single-threaded statistics pass at about
+ * half the machine's read bandwidth on a 2-core Intel Xeon VM (8x32x208x208
+ * training forward: 10.3-11.5 ms without, 7.3-8.4 ms with). The address is
+ * formed as an integer: it may lie past the end of the row, which a prefetch
+ * may touch (it never faults) but pointer arithmetic may not. */
+#define ROWS_PREFETCH_AHEAD 2048
+
+static inline void ROWS(prefetch)(const float *p)
+{
+    __builtin_prefetch((const void *)((uintptr_t)p + ROWS_PREFETCH_AHEAD));
+}
+
 typedef int32_t rv8i __attribute__((vector_size(32)));
 
 static inline int ROWS(finite)(float v) { return v - v == 0.0f; }
@@ -88,6 +103,7 @@ static double ROWS(sum)(const float *x, idx_t n)
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
     idx_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        ROWS(prefetch)(x + i);
         a += ROWS(ld4d)(x + i);
         b += ROWS(ld4d)(x + i + 4);
         c += ROWS(ld4d)(x + i + 8);
@@ -104,6 +120,7 @@ static double ROWS(sum_sq_dev)(const float *x, idx_t n, float c0)
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
     idx_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        ROWS(prefetch)(x + i);
         rv4d u = ROWS(ld4d)(x + i) - k, v = ROWS(ld4d)(x + i + 4) - k;
         rv4d w = ROWS(ld4d)(x + i + 8) - k, z = ROWS(ld4d)(x + i + 12) - k;
         a += u * u;
@@ -124,6 +141,8 @@ static double ROWS(dot)(const float *p, const float *q, idx_t n)
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
     idx_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        ROWS(prefetch)(p + i);
+        ROWS(prefetch)(q + i);
         a += ROWS(ld4d)(p + i) * ROWS(ld4d)(q + i);
         b += ROWS(ld4d)(p + i + 4) * ROWS(ld4d)(q + i + 4);
         c += ROWS(ld4d)(p + i + 8) * ROWS(ld4d)(q + i + 8);
@@ -140,6 +159,8 @@ static double ROWS(dot_dev)(const float *p, const float *x, idx_t n, float c0)
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
     idx_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        ROWS(prefetch)(p + i);
+        ROWS(prefetch)(x + i);
         a += ROWS(ld4d)(p + i) * (ROWS(ld4d)(x + i) - k);
         b += ROWS(ld4d)(p + i + 4) * (ROWS(ld4d)(x + i + 4) - k);
         c += ROWS(ld4d)(p + i + 8) * (ROWS(ld4d)(x + i + 8) - k);
@@ -155,6 +176,17 @@ static void ROWS(sums_dev)(const float *p, const float *x, idx_t n, double k0, d
     const rv4d k = {k0, k0, k0, k0};
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
     idx_t i = 0;
+    for (; i + 16 <= n; i += 16) { /* two steps of 8 per prefetched line */
+        ROWS(prefetch)(p + i);
+        ROWS(prefetch)(x + i);
+        for (idx_t h = i; h < i + 16; h += 8) {
+            rv4d p0 = ROWS(ld4d)(p + h), p1 = ROWS(ld4d)(p + h + 4);
+            a += p0;
+            b += p1;
+            c += p0 * (ROWS(ld4d)(x + h) - k);
+            d += p1 * (ROWS(ld4d)(x + h + 4) - k);
+        }
+    }
     for (; i + 8 <= n; i += 8) {
         rv4d p0 = ROWS(ld4d)(p + i), p1 = ROWS(ld4d)(p + i + 4);
         a += p0;
@@ -177,6 +209,16 @@ static void ROWS(shifted_sums)(const float *x, idx_t n, double k0, double *s1, d
     const rv4d k = {k0, k0, k0, k0};
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
     idx_t i = 0;
+    for (; i + 16 <= n; i += 16) { /* two steps of 8 per prefetched line */
+        ROWS(prefetch)(x + i);
+        for (idx_t h = i; h < i + 16; h += 8) {
+            rv4d u = ROWS(ld4d)(x + h) - k, v = ROWS(ld4d)(x + h + 4) - k;
+            a += u;
+            b += v;
+            c += u * u;
+            d += v * v;
+        }
+    }
     for (; i + 8 <= n; i += 8) {
         rv4d u = ROWS(ld4d)(x + i) - k, v = ROWS(ld4d)(x + i + 4) - k;
         a += u;
