@@ -157,7 +157,7 @@ typedef struct pass {
     float *x, *xn, *y;      /* forward outputs, each NULL when not written */
     int stream;             /* write with non-temporal stores */
     double count;           /* values per channel in the whole (maybe sharded) batch */
-    double (*partial)[3];   /* per unit, when channels are split in parts */
+    double (*partial)[3];   /* [f * parts + part], when channels are split in parts */
     double *sums[2];        /* backward_sums: the caller's per-channel outputs */
     dnbn_stream_trial trial;
 } pass;
@@ -279,11 +279,19 @@ static void train_units(void *arg, idx_t lo, idx_t hi)
     }
 }
 
-/* Moments of split channels, one partial per unit. */
+/* Moments of split channels: partial[f * parts + part]. */
 static void moments_units(void *arg, idx_t lo, idx_t hi)
 {
     pass *p = arg;
-    for (idx_t u = lo; u < hi; u++) p->r->unit_moments(p->in, p->pt, dnbn_unit_at(p->pt, u), &p->partial[u]);
+    for (idx_t u = lo; u < hi; u++) {
+        dnbn_unit w = dnbn_unit_at(p->pt, u);
+        double acc[DNBN_MAX_GROUP][3];
+        p->r->unit_moments(p->in, p->pt, w, acc);
+        for (idx_t j = 0; j < w.nf; j++) {
+            double *to = p->partial[(w.f0 + j) * p->pt->parts + u % p->pt->parts];
+            to[0] = acc[j][0], to[1] = acc[j][1], to[2] = acc[j][2];
+        }
+    }
 }
 
 /* The elementwise forward pass with the statistics in the scratch rows (the
@@ -346,19 +354,24 @@ static void backward_units(void *arg, idx_t lo, idx_t hi)
     }
 }
 
-/* The backward sums: one partial per unit for split channels, else straight
- * into the caller's arrays (p->sums). */
+/* The backward sums: partial[f * parts + part] for split channels, else
+ * straight into the caller's arrays (p->sums). */
 static void sums_units(void *arg, idx_t lo, idx_t hi)
 {
     pass *p = arg;
     for (idx_t u = lo; u < hi; u++) {
         dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double k[DNBN_MAX_GROUP];
+        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP] = {0}, sd[DNBN_MAX_GROUP] = {0};
         unit_means(p->l, w, k);
-        double *s = p->partial ? &p->partial[u][0] : p->sums[0] + w.f0;
-        double *sd = p->partial ? &p->partial[u][1] : p->sums[1] + w.f0;
-        for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0; /* nf == 1 with partials */
         p->r->unit_sums(p->in, p->l->x, p->pt, w, k, s, sd);
+        for (idx_t j = 0; j < w.nf; j++) {
+            if (p->partial) {
+                double *to = p->partial[(w.f0 + j) * p->pt->parts + u % p->pt->parts];
+                to[0] = s[j], to[1] = sd[j];
+            } else {
+                p->sums[0][w.f0 + j] = s[j], p->sums[1][w.f0 + j] = sd[j];
+            }
+        }
     }
 }
 
@@ -393,9 +406,6 @@ static void merge_parts(const dnbn_part *pt, double (*partial)[3], int moments)
         }
 }
 
-/* parts > 1 only when filters < threads <= DNBN_MAX_THREADS, so fewer units than this. */
-#define MAX_PARTIALS (2 * DNBN_MAX_THREADS)
-
 /* ---- forward ---- */
 
 int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
@@ -416,7 +426,7 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
         if (pt.parts == 1) {
             dnbn_parallel_for(dnbn_units(&pt), pt.threads, train_units, &p);
         } else {
-            double partial[MAX_PARTIALS][3];
+            double partial[DNBN_MAX_PARTIALS][3];
             p.partial = partial;
             dnbn_parallel_for(dnbn_units(&pt), pt.threads, moments_units, &p);
             merge_parts(&pt, partial, 1);
@@ -458,7 +468,7 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
     if (pt.parts == 1) {
         dnbn_parallel_for(dnbn_units(&pt), pt.threads, backward_units, &p);
     } else {
-        double partial[MAX_PARTIALS][3];
+        double partial[DNBN_MAX_PARTIALS][3];
         p.partial = partial;
         dnbn_parallel_for(dnbn_units(&pt), pt.threads, sums_units, &p);
         merge_parts(&pt, partial, 0);
@@ -505,7 +515,7 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 2);
     pass p = make_pass(l, &pt, delta_in, 0, -1);
-    double partial[MAX_PARTIALS][3];
+    double partial[DNBN_MAX_PARTIALS][3];
     p.sums[0] = sum_dy;
     p.sums[1] = sum_dy_dev;
     p.partial = pt.parts > 1 ? partial : NULL;

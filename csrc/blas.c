@@ -40,7 +40,7 @@ typedef struct reduction {
     float *out;                            /* per channel */
     const dnbn_rows *r;
     dnbn_part pt;
-    double *partial; /* per unit, when channels are split in parts */
+    double *partial; /* [f * parts + part], when channels are split in parts */
 } reduction;
 
 static float result(const reduction *rd, idx_t f, double s)
@@ -93,10 +93,12 @@ static void reduce_units(void *arg, idx_t lo, idx_t hi)
                 }
             }
         }
-        if (rd->partial)
-            rd->partial[u] = s[0]; /* one channel per unit */
-        else
-            for (idx_t j = 0; j < w.nf; j++) rd->out[w.f0 + j] = result(rd, w.f0 + j, s[j]);
+        for (idx_t j = 0; j < w.nf; j++) {
+            if (rd->partial)
+                rd->partial[(w.f0 + j) * rd->pt.parts + u % rd->pt.parts] = s[j];
+            else
+                rd->out[w.f0 + j] = result(rd, w.f0 + j, s[j]);
+        }
     }
 }
 
@@ -105,8 +107,7 @@ static void reduce(reduction *rd, int batch, int filters, int spatial)
     if (!sizes_ok(batch, filters, spatial)) return;
     rd->r = dnbn_rows_active();
     rd->pt = dnbn_partition(batch, filters, spatial, 1); /* one pass */
-    /* parts > 1 only when filters < threads <= DNBN_MAX_THREADS: fewer units than this */
-    double partial[2 * DNBN_MAX_THREADS];
+    double partial[DNBN_MAX_PARTIALS]; /* [f * parts + part] */
     rd->partial = rd->pt.parts > 1 ? partial : NULL;
     dnbn_parallel_for(dnbn_units(&rd->pt), rd->pt.threads, reduce_units, rd);
     for (idx_t f = 0; rd->partial && f < filters; f++) { /* the parts of channel f, in order */

@@ -18,7 +18,20 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads)
     pt.threads = dnbn_threads_for(pt.m * filters);
     pt.parts = 1;
     pt.group = 1;
-    if (spatial == 1) { /* tiles: the channels shared among the threads, in multiples of 8 */
+    if (spatial == 1) {
+        /* a tall tensor whose images are at most a tile wide (channels-last
+         * activations: N*H*W images of C channels): every unit takes whole
+         * images, a range of them per thread, so that it reads contiguous
+         * memory; otherwise tiles of channels over all the images, shared
+         * among the threads in multiples of 8 */
+        idx_t tall_parts = DNBN_MAX_PARTIALS / filters;
+        if (tall_parts > pt.threads) tall_parts = pt.threads;
+        if (tall_parts > batch / DNBN_MIN_PART_ROWS) tall_parts = batch / DNBN_MIN_PART_ROWS;
+        if (filters <= DNBN_TILE && tall_parts > 1) {
+            pt.group = filters;
+            pt.parts = (int)tall_parts;
+            return pt;
+        }
         idx_t per_thread = ((filters + pt.threads - 1) / pt.threads + 7) / 8 * 8;
         pt.group = (int)(per_thread < DNBN_TILE ? per_thread : DNBN_TILE);
         return pt;
@@ -62,7 +75,7 @@ typedef struct public_moments {
     const dnbn_part *pt;
     const float *x;
     double *mean, *m2;
-    double (*partial)[3]; /* per unit when channels are split in parts */
+    double (*partial)[3]; /* [f * parts + part], when channels are split in parts */
 } public_moments;
 
 static void public_moments_units(void *arg, idx_t lo, idx_t hi)
@@ -71,8 +84,15 @@ static void public_moments_units(void *arg, idx_t lo, idx_t hi)
     for (idx_t u = lo; u < hi; u++) {
         dnbn_unit w = dnbn_unit_at(c->pt, u);
         double acc[DNBN_MAX_GROUP][3];
-        c->r->unit_moments(c->x, c->pt, w, c->partial ? &c->partial[u] : acc);
-        for (idx_t j = 0; !c->partial && j < w.nf; j++) c->mean[w.f0 + j] = acc[j][1], c->m2[w.f0 + j] = acc[j][2];
+        c->r->unit_moments(c->x, c->pt, w, acc);
+        for (idx_t j = 0; j < w.nf; j++) {
+            if (c->partial) {
+                double *to = c->partial[(w.f0 + j) * c->pt->parts + u % c->pt->parts];
+                to[0] = acc[j][0], to[1] = acc[j][1], to[2] = acc[j][2];
+            } else {
+                c->mean[w.f0 + j] = acc[j][1], c->m2[w.f0 + j] = acc[j][2];
+            }
+        }
     }
 }
 
@@ -85,7 +105,7 @@ void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial,
     }
     if (!x) return;
     dnbn_part pt = dnbn_partition(batch, filters, spatial, 1);
-    double partial[2 * DNBN_MAX_THREADS][3]; /* parts > 1 only when filters < threads: fewer units than this */
+    double partial[DNBN_MAX_PARTIALS][3]; /* per channel and part, when channels are split in parts */
     public_moments c = {dnbn_rows_active(), &pt, x, mean, m2, pt.parts > 1 ? partial : NULL};
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, public_moments_units, &c);
     for (idx_t f = 0; c.partial && f < filters; f++) {

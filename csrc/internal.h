@@ -98,13 +98,20 @@ void dnbn_tuning_set_stream(int mode);
  * threads, group == 1 and each channel is cut into `parts` equal pieces of
  * its m values. When spatial == 1 (a fully connected layer) a unit is a tile
  * of up to DNBN_TILE channels over the whole batch, vectorized across
- * channels. Unit u is piece u % parts of channel group u / parts. */
+ * channels, or, for a tall tensor with few channels (channels-last
+ * activations), all the channels over a range of images. Unit u is piece
+ * u % parts of channel group u / parts. */
 #define DNBN_TILE 256
 #define DNBN_MAX_GROUP DNBN_TILE
+/* Split channels keep a partial per channel and part: at most this many
+ * (filters * parts <= DNBN_MAX_PARTIALS whenever parts > 1), and a part of a
+ * spatial == 1 tensor has at least DNBN_MIN_PART_ROWS images. */
+#define DNBN_MAX_PARTIALS 1024
+#define DNBN_MIN_PART_ROWS 64
 
 typedef struct dnbn_part {
     idx_t batch, filters, spatial, m;
-    int parts;   /* pieces per channel (> 1 only when group == 1) */
+    int parts;   /* pieces per channel (> 1 only when group == 1, or spatial == 1 and group == filters) */
     int group;   /* channels per unit */
     int threads;
 } dnbn_part;

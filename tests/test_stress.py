@@ -647,3 +647,28 @@ def test_normalize_cpu_deviation_beyond_float32(rng, impl_name):
     got = impl.normalize_cpu(x.copy(), mean, var, b, f, s)
     assert np.all(np.isfinite(got))
     assert_close(got, oracle.normalize_cpu(x, mean, var, b, f, s), what="normalize_cpu")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_kernels_on_the_named_paths(rng, path):
+    """The reduction and elementwise kernels on each named work split (tall spatial == 1 included:
+    ranges of whole images per thread) against float64 sums written here."""
+    (b, c, h, w), threads = PATHS[path]
+    s = h * w
+    x = (rng.standard_normal((b, c, s)) * 3 + 1).astype(np.float32)
+    d = rng.standard_normal((b, c, s)).astype(np.float32)
+    x64, d64 = x.astype(np.float64), d.astype(np.float64)
+    m = b * s
+    with num_threads(threads):
+        mean = darknet_bn.kernels.mean_cpu(x, b, c, s, np.zeros(c, np.float32))
+        var = darknet_bn.kernels.variance_cpu(x, mean, b, c, s, np.zeros(c, np.float32))
+        bias_updates = darknet_bn.kernels.backward_bias(np.ones(c, np.float32), d, b, c, s)
+        scale_updates = darknet_bn.kernels.backward_scale_cpu(x, d, b, c, s, np.zeros(c, np.float32))
+        shifted = darknet_bn.kernels.add_bias(x.copy(), np.arange(c, dtype=np.float32), b, c, s)
+    want_mean = x64.sum(axis=(0, 2)) / m
+    want_var = ((x64 - mean.astype(np.float64)[None, :, None]) ** 2).sum(axis=(0, 2)) / (m - 1)
+    assert_close(mean, want_mean, what="mean_cpu")
+    assert_close(var, want_var, what="variance_cpu")
+    assert_close(bias_updates, 1 + d64.sum(axis=(0, 2)), what="backward_bias")
+    assert_close(scale_updates, (d64 * x64).sum(axis=(0, 2)), what="backward_scale_cpu")
+    assert np.array_equal(shifted, (x + np.arange(c, dtype=np.float32)[None, :, None]).astype(np.float32))
