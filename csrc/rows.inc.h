@@ -619,7 +619,7 @@ static inline void ROWS(fold_block)(double acc[3], double n, double k, double s1
     dnbn_moments_merge(acc, block);
 }
 
-/* First and one-past-last image of unit w, and the value range [i0, i1) of image b's row. */
+/* The values [i0, i1) of image b's row that belong to unit w. */
 static inline void ROWS(row_range)(const dnbn_part *pt, dnbn_unit w, idx_t b, idx_t *i0, idx_t *i1)
 {
     idx_t lo = w.j0 - b * pt->spatial, hi = w.j1 - b * pt->spatial;
