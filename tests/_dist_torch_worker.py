@@ -202,7 +202,6 @@ def run_main(rank: int, size: int) -> Dict[str, Any]:
     layer = SyncBatchNormLayer(case["split"][rank], w, h, c, dist.group.WORLD, numerics=case["numerics"])
     results["layer-process-group"] = cases.layer_steps(layer, cases.case_data(case),
                                                        lambda a: cases.shard(a, case["split"], rank))
-    t0 = time.perf_counter()
     for mcase in module_cases(size):
         results[mcase["key"]] = run_module_case(mcase, rank)
     results["module-errors"] = run_module_errors(rank, size)
@@ -216,10 +215,7 @@ def run_main(rank: int, size: int) -> Dict[str, Any]:
     # A process group of one rank (every rank creates every group, as new_group requires): no synchronization.
     solo = [dist.new_group([r]) for r in range(size)]
     results["module-solo-group"] = run_module_case(module_cases(size)[0], rank, process_group=solo[rank])
-    results["module-seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     results["ddp"] = run_ddp(rank, size)
-    results["ddp-seconds"] = time.perf_counter() - t0
     return results
 
 

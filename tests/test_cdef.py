@@ -9,7 +9,7 @@ HEADER = Path(__file__).resolve().parent.parent / "csrc" / "darknet_bn.h"
 
 # docs/reference.md §3, as written there: Darknet's ten kernels, names and argument orders. Every
 # argument that is a buffer is `float *`, every size an `int` (Darknet's types).
-SPEC_KERNELS = {
+REFERENCE_KERNELS = {
     "mean_cpu": "x, batch, filters, spatial, mean",
     "variance_cpu": "x, mean, batch, filters, spatial, variance",
     "normalize_cpu": "x, mean, variance, batch, filters, spatial",
@@ -24,9 +24,9 @@ SPEC_KERNELS = {
 SIZE_NAMES = {"batch", "filters", "spatial", "n", "size"}
 
 # docs/reference.md §8: the layer API.
-SPEC_LAYER_FUNCTIONS = ["dnbn_make_batchnorm_layer", "dnbn_forward_batchnorm_layer", "dnbn_backward_batchnorm_layer",
+REFERENCE_LAYER_FUNCTIONS = ["dnbn_make_batchnorm_layer", "dnbn_forward_batchnorm_layer", "dnbn_backward_batchnorm_layer",
                         "dnbn_update_batchnorm_layer", "dnbn_free_batchnorm_layer"]
-SPEC_LAYER_FIELDS = ["batch", "out_c", "out_h", "out_w", "outputs", "output", "delta", "x", "x_norm",
+REFERENCE_LAYER_FIELDS = ["batch", "out_c", "out_h", "out_w", "outputs", "output", "delta", "x", "x_norm",
                      "scales", "biases", "scale_updates", "bias_updates", "mean", "variance",
                      "rolling_mean", "rolling_variance", "mean_delta", "variance_delta"]
 
@@ -127,7 +127,7 @@ def test_parser_reads_a_known_prototype():
 
 def test_header_declares_spec_kernels_exactly(header_protos):
     """The header declares docs/reference.md §3's ten kernels with Darknet's names, argument order and types."""
-    for name, args in SPEC_KERNELS.items():
+    for name, args in REFERENCE_KERNELS.items():
         assert name in header_protos, f"{name} missing from the header"
         ret, params = header_protos[name]
         want = [("int" if a in SIZE_NAMES else "float *", a) for a in args.split(", ")]
@@ -139,14 +139,14 @@ def test_header_declares_spec_kernels_exactly(header_protos):
 
 def test_header_declares_layer_api(header_protos, header_text):
     """The header has docs/reference.md §8's layer functions and a struct with Darknet's field names."""
-    for name in SPEC_LAYER_FUNCTIONS:
+    for name in REFERENCE_LAYER_FUNCTIONS:
         assert name in header_protos, name
     assert signature(header_protos["dnbn_make_batchnorm_layer"])[1] == ("int", "int", "int", "int")
     assert [n for _, n in header_protos["dnbn_make_batchnorm_layer"][1]] == ["batch", "w", "h", "c"]
     body = re.search(r"typedef struct dnbn_layer\s*\{(.*?)\}", strip_comments(header_text), re.S)
     assert body, "struct dnbn_layer not found"
     fields = set(re.findall(r"[\s*,]([A-Za-z_]\w*)\s*(?=[;,])", body.group(1)))
-    missing = [f for f in SPEC_LAYER_FIELDS if f not in fields]
+    missing = [f for f in REFERENCE_LAYER_FIELDS if f not in fields]
     assert not missing, f"fields missing from dnbn_layer: {missing}"
 
 
@@ -194,7 +194,7 @@ def test_compiled_layer_struct_fields():
     from darknet_bn import _darknet_bn
     ffi = _darknet_bn.ffi
     fields = dict(ffi.typeof("dnbn_layer").fields)
-    for name in SPEC_LAYER_FIELDS:
+    for name in REFERENCE_LAYER_FIELDS:
         assert name in fields, name
         want = "int" if name in ("batch", "out_c", "out_h", "out_w", "outputs") else "float *"
         assert fields[name].type.cname == want, f"{name}: {fields[name].type.cname}"

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -155,10 +154,8 @@ def test_import_error_inside_a_command_is_explained(monkeypatch, capsys):
 #
 # Every option of the three command lines with a bad value: exit status 2, exactly one line on stderr that
 # names the option, no traceback, and no work done. The other arguments are left at values that would run
-# for minutes (the full benchmark, the full demo), so a value that slipped through would show in the time.
-
-#: Parse-and-fail takes milliseconds; the runs these arguments would otherwise start take minutes.
-FAST_S = 0.5
+# the full benchmark or demo, so a value that slipped through would start them: print their header and
+# progress on stdout and create the output directory, which the tests find empty and absent.
 
 
 def _file(tmp_path):
@@ -256,12 +253,9 @@ def _assert_one_line_error(err, option):
 
 def _fails_fast(main, args, option, capsys):
     threads_before = darknet_bn.get_num_threads()
-    start = time.perf_counter()
     with pytest.raises(SystemExit) as exc:
         main(args)
-    elapsed = time.perf_counter() - start
     assert exc.value.code == 2
-    assert elapsed < FAST_S, f"{args}: {elapsed:.2f} s before failing"
     captured = capsys.readouterr()
     assert captured.out == ""
     _assert_one_line_error(captured.err, option)
@@ -291,10 +285,9 @@ def test_demo_rejects_bad_values_first(option, args, tmp_path, capsys):
 def test_main_rejects_bad_values_first(option, args, capsys):
     if args and args[0] == "demo":
         pytest.importorskip("sklearn")
-    start = time.perf_counter()
     assert cli.main(args) == 2
-    assert time.perf_counter() - start < FAST_S
     captured = capsys.readouterr()
+    assert captured.out == ""  # nothing started: no header, no progress
     _assert_one_line_error(captured.err, option)
 
 
@@ -311,11 +304,10 @@ def test_entry_points_print_one_line_and_exit_2(module, args, option, tmp_path):
     """Through the real entry points: status 2, one line, no traceback, long before the work would end."""
     if module == "darknet_bn.demo":
         pytest.importorskip("sklearn")
-    start = time.perf_counter()
+    # Interpreter start and imports only (the full benchmark and demo these would start take minutes):
+    # a run that got as far as the work ends in the timeout.
     p = subprocess.run([sys.executable, "-m", module, *_fill(args, tmp_path)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
-    # Interpreter start and imports only: the full benchmark and demo these would start take minutes.
-    assert time.perf_counter() - start < 15
+                       capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and p.stdout == ""
     _assert_one_line_error(p.stderr, option)
     assert not (tmp_path / "results").exists()

@@ -274,11 +274,10 @@ def test_accuracy_at_offset_1e4_beats_pytorch_float32():
 @needs_mpi
 def test_mpi_rank_that_dies_ends_the_job(tmp_path):
     """A rank raising before the first collective: python -m mpi4py aborts, mpiexec ends the waiting rank too."""
-    code, output, seconds = launch.run_mpi(2, "crash", str(tmp_path), deadline=60)
+    code, output, _ = launch.run_mpi(2, "crash", str(tmp_path), deadline=30)  # a job that hangs fails there
     assert code != 0, output
     assert (tmp_path / "rank0.entered").exists(), output  # rank 0 was inside the collective
     assert not (tmp_path / "rank0.returned").exists(), "rank 0 got past a collective its peer never joined"
-    assert seconds < 30, f"the job took {seconds:.1f} s to end"
 
 
 @needs_torch

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cdef import SPEC_KERNELS, header_cdef_region, parse_prototypes
+from test_cdef import REFERENCE_KERNELS, header_cdef_region, parse_prototypes
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "csrc" / "darknet_bn.h"
@@ -61,7 +61,7 @@ def test_shared_library_exports_exactly_the_header(shared_library, header_functi
 def test_only_the_kernels_carry_darknet_names(header_functions):
     """The library's own functions are prefixed dnbn_; Darknet's names are the ten kernels (and _ref twins)."""
     for name in header_functions:
-        assert (name in SPEC_KERNELS or name.endswith("_ref") and name[:-4] in SPEC_KERNELS
+        assert (name in REFERENCE_KERNELS or name.endswith("_ref") and name[:-4] in REFERENCE_KERNELS
                 or name.startswith("dnbn_")), f"{name}: neither a Darknet kernel nor dnbn_-prefixed"
     assert not header_functions & DARKNET_LAYER_FUNCTIONS
 
@@ -71,7 +71,7 @@ def test_only_the_kernels_carry_darknet_names(header_functions):
 def test_shared_names_with_debian_darknet_are_the_ten_kernels(shared_library):
     """Against the real libdarknet.so: the names both libraries define are exactly the ten kernels."""
     common = exported_functions(shared_library) & exported_functions(DEBIAN_DARKNET)
-    assert common == set(SPEC_KERNELS), sorted(common ^ set(SPEC_KERNELS))
+    assert common == set(REFERENCE_KERNELS), sorted(common ^ set(REFERENCE_KERNELS))
 
 
 @needs_nm
@@ -84,6 +84,6 @@ def test_python_extension_exports_only_its_init():
 
 def test_parser_sees_the_header_functions(header_functions):
     """The header parser above finds the layer API and the ten kernels (so the tests compare real sets)."""
-    assert set(SPEC_KERNELS) <= header_functions
+    assert set(REFERENCE_KERNELS) <= header_functions
     assert {"dnbn_make_batchnorm_layer", "dnbn_forward_batchnorm_layer"} <= header_functions
     assert all(re.fullmatch(r"[a-z_0-9]+", n) for n in header_functions)

@@ -19,7 +19,7 @@ import pytest
 
 import oracle
 from conftest import assert_close
-from test_cdef import SPEC_KERNELS, header_cdef_region, parse_prototypes
+from test_cdef import REFERENCE_KERNELS, header_cdef_region, parse_prototypes
 
 cffi = pytest.importorskip("cffi")
 
@@ -48,7 +48,7 @@ def libs():
     ffi = cffi.FFI()
     ffi.cdef("\n".join(f"{ret} {name}({', '.join(t for t, _ in params) or 'void'});"
                        for name, (ret, params) in protos.items()
-                       if name in SPEC_KERNELS or name.endswith("_ref") or name == "dnbn_kernel_flavor"))
+                       if name in REFERENCE_KERNELS or name.endswith("_ref") or name == "dnbn_kernel_flavor"))
     return ffi, {flavor: ffi.dlopen(str(path)) for flavor, path in LIBS.items()}
 
 
