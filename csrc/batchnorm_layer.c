@@ -23,7 +23,7 @@
 
 #include "internal.h"
 
-enum { STATE_NONE = 0, STATE_INFERENCE = 1, STATE_TRAINING = 2 };
+enum { STATE_NONE = DNBN_STATE_NONE, STATE_INFERENCE = DNBN_STATE_INFERENCE, STATE_TRAINING = DNBN_STATE_TRAINING };
 
 /* Per-channel doubles kept from forward for backward (layer->scratch): the
  * batch mean and normalizer, then the coefficients of the input delta. */

@@ -241,7 +241,11 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in);
  * accepted for Darknet's signature and ignored (no decay on these). */
 int dnbn_update_batchnorm_layer(dnbn_layer *l, float learning_rate, float momentum, float decay);
 
-/* 0: no forward yet; 1: the last forward was inference; 2: training. */
+/* What the last forward was: DNBN_STATE_NONE (no forward yet),
+ * DNBN_STATE_INFERENCE or DNBN_STATE_TRAINING. */
+#define DNBN_STATE_NONE 0
+#define DNBN_STATE_INFERENCE 1
+#define DNBN_STATE_TRAINING 2
 int dnbn_batchnorm_layer_state(const dnbn_layer *l);
 
 /* Writes x_norm of the last training forward from x, bit for bit what that

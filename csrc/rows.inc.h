@@ -424,25 +424,6 @@ static void ROWS(backward_apply)(float *out, const float *dy, const float *x, id
  * spatial == 1 (a fully connected layer), with per-channel parameter arrays.
  * Sums go to per-channel double arrays. ---- */
 
-static void ROWS(v_shifted_acc)(const float *x, const float *k, idx_t n, double *s1, double *s2)
-{
-    idx_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        rv4d u = ROWS(ld4d)(x + j) - ROWS(ld4d)(k + j), a, b;
-        memcpy(&a, s1 + j, sizeof a);
-        memcpy(&b, s2 + j, sizeof b);
-        a += u;
-        b += u * u;
-        memcpy(s1 + j, &a, sizeof a);
-        memcpy(s2 + j, &b, sizeof b);
-    }
-    for (; j < n; j++) {
-        double u = (double)x[j] - k[j];
-        s1[j] += u;
-        s2[j] += u * u;
-    }
-}
-
 static void ROWS(v_sum_dot_dev)(const float *d, const float *x, const float *k, idx_t n, double *s, double *sd)
 {
     idx_t j = 0;
@@ -472,22 +453,6 @@ static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const floa
         ROWS(st8)(y + j, u);
     }
     for (float unused; j < n; j++) ROWS(norm1)(in[j], mh[j], ml[j], inv[j], g[j], b[j], &unused, &y[j]);
-}
-
-static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a,
-                                   const double *k, const double *b, const double *c)
-{
-    idx_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        rv4d va, vk, vb, vc;
-        memcpy(&va, a + j, sizeof va);
-        memcpy(&vk, k + j, sizeof vk);
-        memcpy(&vb, b + j, sizeof vb);
-        memcpy(&vc, c + j, sizeof vc);
-        rv4f f = __builtin_convertvector((ROWS(ld4d)(dy + j) * va + (ROWS(ld4d)(x + j) - vk) * vb) + vc, rv4f);
-        memcpy(out + j, &f, sizeof f);
-    }
-    for (; j < n; j++) out[j] = (float)((dy[j] * a[j] + ((double)x[j] - k[j]) * b[j]) + c[j]);
 }
 
 /* ---- channel-vector loops over a block of images (spatial == 1): the
@@ -593,6 +558,18 @@ static void ROWS(fc_backward)(float *out, const float *dy, const float *x, idx_t
     for (; j < n; j++)
         for (idx_t r = 0, o = j; r < rows; r++, o += stride)
             out[o] = (float)((dy[o] * a[j] + ((double)x[o] - k[j]) * b[j]) + c[j]);
+}
+
+/* The one-image forms of the loops above, for callers that walk the images themselves (blas.c). */
+static void ROWS(v_shifted_acc)(const float *x, const float *k, idx_t n, double *s1, double *s2)
+{
+    ROWS(fc_shifted_acc)(x, 0, 1, k, n, s1, s2);
+}
+
+static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a,
+                                   const double *k, const double *b, const double *c)
+{
+    ROWS(fc_backward)(out, dy, x, 0, 1, n, a, k, b, c);
 }
 
 /* ---- unit primitives: a whole work unit of a (batch, filters, spatial)

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import darknet_bn
 from darknet_bn._bench_common import (
@@ -165,12 +165,18 @@ def make_cnn(torch: Any, in_channels: int, channels: Sequence[int] = CNN_CHANNEL
     return nn.Sequential(*layers)
 
 
-def make_cnn_peers(torch: Any, input_shape: Shape, seed: int = 0) -> List[ModelPeer]:
-    """The torch model and its darknet_bn conversion, same initial weights, same data."""
+def _seeded_peers(torch: Any, build: Callable[[Any, int], Any], input_shape: Shape, classes: int, lr: float,
+                  seed: int) -> List[ModelPeer]:
+    """``build(torch, in_channels)`` with torch's generator seeded (and restored after), then its peers."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = make_cnn(torch, input_shape[1])
-    return _model_peers(torch, base, input_shape, CNN_CLASSES, CNN_LR, seed)
+        base = build(torch, input_shape[1])
+    return _model_peers(torch, base, input_shape, classes, lr, seed)
+
+
+def make_cnn_peers(torch: Any, input_shape: Shape, seed: int = 0) -> List[ModelPeer]:
+    """The torch model and its darknet_bn conversion, same initial weights, same data."""
+    return _seeded_peers(torch, make_cnn, input_shape, CNN_CLASSES, CNN_LR, seed)
 
 
 def bench_cnn(
@@ -333,10 +339,7 @@ def make_resnet(torch: Any, in_channels: int = 3, classes: int = RESNET_CLASSES)
 
 def make_resnet_peers(torch: Any, input_shape: Shape, seed: int = 0) -> List[ModelPeer]:
     """The torch ResNet and its darknet_bn conversion, same initial weights, same data."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = make_resnet(torch, input_shape[1])
-    return _model_peers(torch, base, input_shape, RESNET_CLASSES, RESNET_LR, seed)
+    return _seeded_peers(torch, make_resnet, input_shape, RESNET_CLASSES, RESNET_LR, seed)
 
 
 def is_batch_norm_event(name: str) -> bool:

@@ -11,9 +11,16 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._lib import lib
 from .errors import ArgumentError, ArgumentTypeError
 
 INT_MAX = 2**31 - 1
+#: The numerics names and their codes in the C library (csrc/darknet_bn.h).
+NUMERICS = {"darknet": int(lib.DNBN_NUMERICS_DARKNET), "standard": int(lib.DNBN_NUMERICS_STANDARD)}
+#: The running statistics' momentum when none is given: Darknet's 0.01, PyTorch's 0.1.
+DEFAULT_MOMENTUM = {"darknet": 0.01, "standard": 0.1}
+#: The only eps darknet numerics accept (Darknet's constants are fixed; eps is standard's).
+DARKNET_EPS = 1e-5
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -93,3 +100,21 @@ def _check_extent(arr: np.ndarray, name: str, count: int, shapes: Sequence[Tuple
             raise ArgumentError(f"{name} must have shape {wanted}, got {tuple(arr.shape)}")
     elif arr.size != count:
         raise ArgumentError(f"{name} must hold {count} float32 values, got {arr.size}")
+
+
+def layer_options(c: int, h: int, w: int, numerics: Any, eps: Any, momentum: Any) -> Tuple[str, float, float]:
+    """Check a layer's c*h*w (sizes already checked) and numerics, eps, momentum; return the last three
+    (momentum defaulted from the numerics)."""
+    if c * h * w > INT_MAX:
+        raise ArgumentError(f"c*h*w must fit in a C int (<= {INT_MAX}), got {c * h * w}")
+    if not isinstance(numerics, str):
+        raise ArgumentTypeError(f"numerics must be a str, got {type(numerics).__name__}")
+    if numerics not in NUMERICS:
+        raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
+    eps = real(eps, "eps")
+    if numerics == "darknet" and eps != DARKNET_EPS:
+        raise ArgumentError("eps applies to numerics='standard'; darknet numerics use Darknet's constants")
+    if not np.float32(eps) > 0:
+        raise ArgumentError(f"eps must be > 0 in float32, got {eps}")
+    momentum = DEFAULT_MOMENTUM[numerics] if momentum is None else real(momentum, "momentum", 0, 1)
+    return numerics, eps, momentum

@@ -73,10 +73,8 @@ __all__ = [
     "SyncBatchNormLayer",
 ]
 
-_NUMERICS = {"darknet": 0, "standard": 1}
-_DEFAULT_MOMENTUM = {"darknet": 0.01, "standard": 0.1}
-_DARKNET_EPS = 1e-5
-_STATE_TRAINING = 2  # dnbn_batchnorm_layer_state
+_NUMERICS = _validate.NUMERICS
+_STATE_TRAINING = int(lib.DNBN_STATE_TRAINING)  # dnbn_batchnorm_layer_state
 
 
 class PeerError(DarknetBNError, RuntimeError):
@@ -539,18 +537,7 @@ class SyncBatchNormLayer:
         w = _validate.size(w, "w")
         h = _validate.size(h, "h")
         c = _validate.size(c, "c")
-        if c * h * w > _validate.INT_MAX:
-            raise ArgumentError(f"c*h*w must fit in a C int (<= {_validate.INT_MAX}), got {c * h * w}")
-        if not isinstance(numerics, str):
-            raise ArgumentTypeError(f"numerics must be a str, got {type(numerics).__name__}")
-        if numerics not in _NUMERICS:
-            raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
-        eps = _validate.real(eps, "eps")
-        if numerics == "darknet" and eps != _DARKNET_EPS:
-            raise ArgumentError("eps applies to numerics='standard'; darknet numerics use Darknet's constants")
-        if not np.float32(eps) > 0:
-            raise ArgumentError(f"eps must be > 0 in float32, got {eps}")
-        momentum = _DEFAULT_MOMENTUM[numerics] if momentum is None else _validate.real(momentum, "momentum", 0, 1)
+        numerics, eps, momentum = _validate.layer_options(c, h, w, numerics, eps, momentum)
         self._numerics, self._eps, self._momentum = numerics, eps, momentum
         self._shapes = ((batch, c, h, w), (batch, c * h * w))
         self._count = batch * c * h * w

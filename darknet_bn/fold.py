@@ -19,6 +19,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from . import _validate
 from ._lib import ffi, lib
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -29,7 +30,7 @@ __all__ = ["DARKNET_FORWARD_EPS", "fold_batchnorm", "inference_scale", "normaliz
 DARKNET_FORWARD_EPS = 1e-6
 
 #: The numerics names and their codes in the C library.
-NUMERICS = {"darknet": int(lib.DNBN_NUMERICS_DARKNET), "standard": int(lib.DNBN_NUMERICS_STANDARD)}
+NUMERICS = _validate.NUMERICS
 
 
 def _real_array(value: Any, name: str) -> np.ndarray:

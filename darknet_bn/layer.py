@@ -31,11 +31,12 @@ from . import weights as _weights
 from ._lib import check, ffi, floats, lib
 from .errors import AllocationError, ArgumentError, ArgumentTypeError, LayerStateError
 
-_NUMERICS = {"darknet": 0, "standard": 1}
-_DEFAULT_MOMENTUM = {"darknet": 0.01, "standard": 0.1}
-_DARKNET_EPS = 1e-5
-_STATE_TRAINING = 2
-_LAST_FORWARD = ("none", "inference", "training")  # dnbn_batchnorm_layer_state: 0, 1, 2
+_NUMERICS = _validate.NUMERICS
+_STATE_TRAINING = int(lib.DNBN_STATE_TRAINING)
+#: dnbn_batchnorm_layer_state's codes and their names in state dicts.
+_STATE_NAMES = {int(lib.DNBN_STATE_NONE): "none", int(lib.DNBN_STATE_INFERENCE): "inference",
+                int(lib.DNBN_STATE_TRAINING): "training"}
+_STATE_CODES = {name: code for code, name in _STATE_NAMES.items()}
 
 # x_norm bookkeeping lives in the C layer's own fields (csrc/darknet_bn.h), set
 # by the C calls themselves, so no interruption between a call and Python code
@@ -152,18 +153,7 @@ class BatchNormLayer:
         w = _validate.size(w, "w")
         h = _validate.size(h, "h")
         c = _validate.size(c, "c")
-        if c * h * w > _validate.INT_MAX:
-            raise ArgumentError(f"c*h*w must fit in a C int (<= {_validate.INT_MAX}), got {c * h * w}")
-        if not isinstance(numerics, str):
-            raise ArgumentTypeError(f"numerics must be a str, got {type(numerics).__name__}")
-        if numerics not in _NUMERICS:
-            raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
-        eps = _validate.real(eps, "eps")
-        if numerics == "darknet" and eps != _DARKNET_EPS:
-            raise ArgumentError("eps applies to numerics='standard'; darknet numerics use Darknet's constants")
-        if not np.float32(eps) > 0:
-            raise ArgumentError(f"eps must be > 0 in float32, got {eps}")
-        momentum = _DEFAULT_MOMENTUM[numerics] if momentum is None else _validate.real(momentum, "momentum", 0, 1)
+        numerics, eps, momentum = _validate.layer_options(c, h, w, numerics, eps, momentum)
 
         raw = lib.dnbn_make_batchnorm_layer(batch, w, h, c)
         if raw == ffi.NULL:
@@ -331,7 +321,7 @@ class BatchNormLayer:
             "numerics": self._numerics,
             "eps": self._eps,
             "momentum": self._momentum,
-            "last_forward": _LAST_FORWARD[lib.dnbn_batchnorm_layer_state(layer)],
+            "last_forward": _STATE_NAMES[lib.dnbn_batchnorm_layer_state(layer)],
             "trained": bool(layer.trained),
             "buffers": buffers,
             "forward_mean": scratch[:, lib.DNBN_SCRATCH_MEAN].copy(),
@@ -358,8 +348,8 @@ class BatchNormLayer:
         except (ArgumentError, ArgumentTypeError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
         last_forward, trained = state["last_forward"], state["trained"]
-        if last_forward not in _LAST_FORWARD:
-            raise ArgumentError(f"{where}: last_forward must be one of {_LAST_FORWARD}, got {last_forward!r}")
+        if last_forward not in _STATE_CODES:
+            raise ArgumentError(f"{where}: last_forward must be one of {tuple(_STATE_CODES)}, got {last_forward!r}")
         if not isinstance(trained, bool):
             raise ArgumentTypeError(f"{where}: trained must be a bool, got {type(trained).__name__}")
         if last_forward == "training" and not (trained and batch * h * w >= 2):
@@ -392,7 +382,7 @@ class BatchNormLayer:
         scratch[:, lib.DNBN_SCRATCH_MEAN] = state["forward_mean"]
         scratch[:, lib.DNBN_SCRATCH_INV] = state["forward_normalizer"]
         layer = self._layer
-        layer.state = _LAST_FORWARD.index(last_forward)
+        layer.state = _STATE_CODES[last_forward]
         layer.trained = int(trained)
         layer.x_norm_current = int(trained and buffers["x_norm"] is not None)
 
