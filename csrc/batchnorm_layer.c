@@ -341,9 +341,10 @@ static void backward_units(void *arg, idx_t lo, idx_t hi)
     dnbn_layer *l = p->l;
     for (idx_t u = lo; u < hi; u++) {
         dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP] = {0}, sd[DNBN_MAX_GROUP] = {0};
+        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP], sd[DNBN_MAX_GROUP];
         double a[DNBN_MAX_GROUP], b[DNBN_MAX_GROUP], c[DNBN_MAX_GROUP];
         unit_means(l, w, k);
+        for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0;
         p->r->unit_sums(p->in, l->x, p->pt, w, k, s, sd);
         for (idx_t j = 0; j < w.nf; j++) {
             finish_sums(l, w.f0 + j, p->count, s[j], sd[j]);
@@ -361,8 +362,9 @@ static void sums_units(void *arg, idx_t lo, idx_t hi)
     pass *p = arg;
     for (idx_t u = lo; u < hi; u++) {
         dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP] = {0}, sd[DNBN_MAX_GROUP] = {0};
+        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP], sd[DNBN_MAX_GROUP];
         unit_means(p->l, w, k);
+        for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0;
         p->r->unit_sums(p->in, p->l->x, p->pt, w, k, s, sd);
         for (idx_t j = 0; j < w.nf; j++) {
             if (p->partial) {
