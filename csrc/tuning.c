@@ -18,8 +18,9 @@
  *                (measured: 2x faster on one machine, 2x slower on another),
  *                so the library times it: the first calls of each kind of
  *                pass, size class (a power of two of the bytes it touches)
- *                and thread count alternate between plain and streaming
- *                stores, and the faster is kept for the rest of the process.
+ *                and thread count run first with plain stores, then with
+ *                streaming ones (the first calls of each untimed), and the
+ *                faster is kept for the rest of the process.
  *                DARKNET_BN_STREAM=auto (default) | always | never.
  *   instructions AVX2+FMA or the portable path (dispatch.c, DARKNET_BN_SIMD).
  *
@@ -259,8 +260,11 @@ void dnbn_tuning_set_min_work(idx_t work)
 
 /* Below this many bytes touched a pass never streams: its tensors stay in the caches of any machine. */
 #define STREAM_MIN_BYTES ((idx_t)8 << 20)
-/* Timed calls of each choice before deciding, after one warm-up call. */
+/* Timed calls of each choice before deciding, after STREAM_PLAIN_WARM untimed
+ * plain calls and STREAM_STREAM_WARM untimed streaming calls. */
 #define STREAM_TRIALS 3
+#define STREAM_PLAIN_WARM 2
+#define STREAM_STREAM_WARM 1
 /* Streaming must be this much faster to be kept: plain stores leave the
  * output in cache for whoever reads it next, which the timing cannot see. */
 #define STREAM_MARGIN 0.95
@@ -361,9 +365,16 @@ int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threa
     if (e->decided >= 0) {
         trial->stream = e->decided;
     } else {
-        int call = e->calls++;
-        trial->stream = call & 1;         /* 0 (warm-up), 1, 0, 1, ... */
-        if (call > 0) trial->slot = s;    /* the warm-up is not timed */
+        /* A block of plain calls, then one of streaming calls, the first
+         * calls of each untimed: a call's time depends on what the calls
+         * before it left in the caches (measured: after streaming calls the
+         * output is in memory, and plain calls take two calls to find it in
+         * cache again, 1.8x slower meanwhile), and the choice kept will run
+         * after itself, so each is timed after its own kind. */
+        int call = e->calls++, plain_calls = STREAM_PLAIN_WARM + STREAM_TRIALS;
+        trial->stream = call >= plain_calls;
+        int warm = trial->stream ? call < plain_calls + STREAM_STREAM_WARM : call < STREAM_PLAIN_WARM;
+        if (!warm) trial->slot = s;
         trial->start = now_ns();
     }
     pthread_mutex_unlock(&streaming.lock);

@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #               moments are merged;
 #   "fc":       spatial == 1, tiles of channels vectorized across channels.
 PATHS = {
-    "channels": ((2, 8, 128, 128), 2),
-    "groups": ((8, 64, 24, 24), 2),
+    "channels": ((2, 32, 128, 128), 2),
+    "groups": ((8, 128, 12, 12), 2),
     "split": ((2, 2, 320, 320), 3),
     "fc": ((8192, 40, 1, 1), 2),
 }
