@@ -48,8 +48,10 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads)
      * backward, which reads two tensors twice, was 13 % faster with 256 KB
      * groups than with 2 MB ones, the forward the same) */
     idx_t group = dnbn_group_bytes() / (pt.m * (idx_t)sizeof(float) * (reads > 1 ? reads : 1));
-    idx_t balanced = filters / (8 * (idx_t)pt.threads); /* about eight units per thread */
-    if (group > balanced) group = balanced;
+    if (pt.threads > 1) { /* about eight units per thread, for threads that join late */
+        idx_t balanced = filters / (8 * (idx_t)pt.threads);
+        if (group > balanced) group = balanced;
+    }
     if (group > 64) group = 64; /* enough to make each image's stretch long */
     pt.group = group < 1 ? 1 : (int)group;
     return pt;

@@ -442,9 +442,9 @@ int dnbn_tuning_report(char *buf, int size)
         if (!e->used) continue;
         put(&o,
             "%s{\"pass\": \"%s\", \"bytes_at_least\": %lld, \"threads\": %d, \"choice\": \"%s\", "
-            "\"plain_ms\": %.4f, \"stream_ms\": %.4f}",
+            "\"trial_calls\": %d, \"plain_ms\": %.4f, \"stream_ms\": %.4f}",
             sep, pass_names[e->pass], (long long)1 << e->log2_bytes, e->threads,
-            e->decided < 0 ? "trying" : e->decided ? "stream" : "plain", e->best[0] / 1e6, e->best[1] / 1e6);
+            e->decided < 0 ? "trying" : e->decided ? "stream" : "plain", e->calls, e->best[0] / 1e6, e->best[1] / 1e6);
         sep = ", ";
     }
     put(&o, "]}");

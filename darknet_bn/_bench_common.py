@@ -122,6 +122,29 @@ def calibrate(fn: Callable[[], None], min_time: float, max_inner: int = 100_000)
         inner = min(max_inner, max(inner * 2, int(inner * 1.2 * min_time / max(t, 1e-9)) + 1))
 
 
+def settle_tuning(fn: Callable[[], None], max_calls: int = 16) -> None:
+    """Call ``fn`` while it advances the library's store trials (docs/reference.md §5).
+
+    The first calls of each kind of pass, size and thread count time plain
+    against streaming stores; samples taken during those trials would mix
+    both. Stops when no trial is left or a call of ``fn`` advanced none (so a
+    callable that makes no trial, PyTorch's or NumPy's, costs one call).
+    """
+    def trials() -> Dict[Tuple[str, int, int], int]:
+        return {(d["pass"], d["bytes_at_least"], d["threads"]): d["trial_calls"]
+                for d in darknet_bn.info()["tuning"]["stream_decisions"] if d["choice"] == "trying"}
+
+    before = trials()
+    for _ in range(max_calls):
+        if not before:
+            return
+        fn()
+        after = trials()
+        if all(after.get(k) == v for k, v in before.items()) and after.keys() <= before.keys():
+            return
+        before = after
+
+
 def rep_count(reps: Optional[int], budget: float, one_rep: float, max_reps: int) -> int:
     """``reps`` if given, else as many repetitions of ``one_rep`` seconds as fit in ``budget`` (3 to ``max_reps``)."""
     if reps is not None:
@@ -155,11 +178,13 @@ def interleaved(
     for name, fn in fns.items():
         if before is None:
             fn()
+            settle_tuning(fn)
             inner[name] = calibrate(fn, min_time)
             one_rep += _timed(fn, inner[name]) * inner[name]
         else:
             pair = (lambda fn=fn: (before(), fn()))  # type: ignore[misc]
             pair()
+            settle_tuning(pair)
             inner[name] = calibrate(pair, min_time)
             one_rep += _timed(pair, inner[name]) * inner[name]
     progress(0.2 * weight, f"{label} warm")

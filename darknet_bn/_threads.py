@@ -33,8 +33,9 @@ def tuning() -> Dict[str, Any]:
     value); ``stream`` ("auto", "always" or "never"), ``stream_source``,
     ``stream_min_bytes`` and ``stream_decisions``: one entry per kind of pass,
     size class (``bytes_at_least``) and thread count met so far, with its
-    ``choice`` ("trying", "plain" or "stream") and the fastest time measured
-    with each (``plain_ms``, ``stream_ms``).
+    ``choice`` ("trying", "plain" or "stream"), ``trial_calls`` (the calls
+    that tried a choice) and the fastest time measured with each
+    (``plain_ms``, ``stream_ms``).
     """
     size = int(lib.dnbn_tuning_report(ffi.NULL, 0)) + 1
     for _ in range(4):  # decisions may be added between the two calls

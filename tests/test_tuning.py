@@ -113,3 +113,35 @@ def test_named_work_splits_run_on_their_threads():
     for name, (shape, threads) in PATHS.items():
         values = int(np.prod(shape))
         assert values // t["min_work_per_thread"] >= threads, (name, shape, threads)
+
+
+def test_store_trials_end_and_the_benchmark_waits_for_them():
+    """auto: a pass's first calls try both stores (each counted), then one is kept; the
+    benchmark's settle_tuning calls a pass until that happens and stops for a callable
+    that makes no trial."""
+    code = """
+import json, numpy as np, darknet_bn
+from darknet_bn._bench_common import settle_tuning
+darknet_bn.set_num_threads(1)
+x = np.random.default_rng(2).standard_normal((2, 8, 256, 256)).astype(np.float32)
+layer = darknet_bn.BatchNormLayer(2, 256, 256, 8, numerics="standard")
+def entry():
+    return [d for d in darknet_bn.info()["tuning"]["stream_decisions"] if d["pass"] == "forward_infer"]
+layer.forward(x, train=False)
+first = entry()
+calls = []
+settle_tuning(lambda: calls.append(1))
+idle = len(calls)
+settle_tuning(lambda: (calls.append(1), layer.forward(x, train=False)))
+print(json.dumps({"first": first, "idle": idle, "settle": len(calls) - idle, "after": entry()}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKNET_BN_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert [(d["choice"], d["trial_calls"]) for d in r["first"]] == [("trying", 1)]
+    assert r["idle"] == 1  # one call, no trial advanced: stop
+    assert r["settle"] == 8  # the other 8 of the 9 trial calls
+    (after,) = r["after"]
+    assert after["choice"] in ("plain", "stream") and after["trial_calls"] == 9
+    assert after["plain_ms"] > 0 and after["stream_ms"] > 0
