@@ -165,7 +165,10 @@ def interleaved(
     settle: float = SETTLE_S,
     weight: float = 1.0,
 ) -> Tuple[Dict[str, Dict[str, Any]], int]:
-    """Time each callable of ``fns``: warm-up, inner loop count, then repetitions interleaved (A, B, A, B, ...).
+    """Time each callable of ``fns``: warm-up, inner loop count, then repetitions interleaved.
+
+    Each repetition runs every callable once, starting one further along each
+    time (A B C, B C A, C A B, ...), so that none always follows the same one.
 
     With ``before``, every timed call follows an untimed ``before()`` and only
     the call is timed; the inner count then makes a sample (``before`` and the
@@ -190,8 +193,10 @@ def interleaved(
     progress(0.2 * weight, f"{label} warm")
     n_reps = rep_count(reps, budget, one_rep, max_reps)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
     for r in range(n_reps):
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             if settle and before is None:
                 time.sleep(settle)
             samples[name].append(sample(fn, inner[name], before))

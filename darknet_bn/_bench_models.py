@@ -49,12 +49,9 @@ from darknet_bn._bench_common import (
     SETTLE_S,
     Progress,
     Shape,
-    _timed,
-    calibrate,
     fmt_ratio,
     fmt_time,
     interleaved,
-    rep_count,
     scaled_diff,
     set_threads,
     shape_label,
@@ -203,21 +200,9 @@ def bench_cnn(
     for threads in threads_list:
         set_threads(threads, torch)
         label = f"CNN {shape_label(input_shape)} @{threads}t"
-        inner: Dict[str, int] = {}
-        one_rep = 0.0
-        for p in peers:
-            p.step()
-            inner[p.name] = calibrate(p.step, min_time)
-            one_rep += _timed(p.step, inner[p.name]) * inner[p.name]
-        progress(0.2, f"{label} warm")
-        n_reps = rep_count(reps, budget, one_rep, max_reps)
-        samples: Dict[str, List[float]] = {p.name: [] for p in peers}
-        for r in range(n_reps):
-            for p in peers:
-                time.sleep(SETTLE_S)
-                samples[p.name].append(_timed(p.step, inner[p.name]))
-            progress(0.8 / n_reps, f"{label} rep {r + 1}/{n_reps}")
-        med = {name: _median(v) for name, v in samples.items()}
+        timed, n_reps = interleaved({p.name: p.step for p in peers}, reps=reps, min_time=min_time, budget=budget,
+                                    max_reps=max_reps, progress=progress, label=label)
+        med = {name: t["s"] for name, t in timed.items()}
         dn = med[MODEL_PEERS[-1][0]]
         results.append({
             "threads": threads,
@@ -225,8 +210,8 @@ def bench_cnn(
             "torch_threads": torch.get_num_threads(),
             "reps": n_reps,
             "peers": {
-                p.name: {"label": p.label, "step_s": med[p.name], "samples": samples[p.name],
-                         "inner": inner[p.name], "ratio": med[p.name] / dn}
+                p.name: {"label": p.label, "step_s": med[p.name], "samples": timed[p.name]["samples"],
+                         "inner": timed[p.name]["inner"], "ratio": med[p.name] / dn}
                 for p in peers
             },
         })

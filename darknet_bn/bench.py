@@ -100,6 +100,7 @@ from darknet_bn._bench_common import (  # noqa: F401  (re-exported: the benchmar
     fmt_time,
     make_data,
     set_threads,
+    settle_tuning,
     shape_label,
     usable_cores,
 )
@@ -439,17 +440,26 @@ class TorchPeer(Peer):
 
 
 def make_peers(shape: Shape, torch: Any, seed: int = 0) -> List[Peer]:
-    """Every peer for ``shape`` on the same data (darknet_bn standard first: the baseline)."""
+    """Every peer for ``shape`` on the same data (darknet_bn standard first: the baseline).
+
+    Each peer reads its own copy of x and dy: peers sharing one array would
+    find it in cache where the peer before them left it, and the first peer of
+    each round would be the only one to read it from memory.
+    """
     x, dy, gamma, beta = make_data(shape, seed)
+
+    def own() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return x.copy(), dy.copy(), gamma, beta
+
     peers: List[Peer] = [
-        LayerPeer(x, dy, gamma, beta, "standard"),
-        LayerPeer(x, dy, gamma, beta, "darknet"),
+        LayerPeer(*own(), "standard"),
+        LayerPeer(*own(), "darknet"),
     ]
     if torch is not None:
-        peers.append(TorchPeer(x, dy, gamma, beta, torch, out=False))
-        peers.append(TorchPeer(x, dy, gamma, beta, torch, out=True))
-    peers.append(NumpyPeer(x, dy, gamma, beta))
-    peers.append(ReferencePeer(x, dy, gamma, beta))
+        peers.append(TorchPeer(*own(), torch, out=False))
+        peers.append(TorchPeer(*own(), torch, out=True))
+    peers.append(NumpyPeer(*own()))
+    peers.append(ReferencePeer(*own()))
     return peers
 
 
@@ -538,6 +548,7 @@ def bench_cell(
         for which in PASSES:
             fn = (lambda p=p, which=which: p.run(which))
             fn()
+            settle_tuning(fn)
             inner[p.name, which] = calibrate(fn, min_time)
             one_rep += _timed(fn, inner[p.name, which]) * inner[p.name, which]
     progress(0.2, f"{label} warm")
@@ -546,7 +557,7 @@ def bench_cell(
     samples: Dict[str, Dict[str, List[float]]] = {p.name: {k: [] for k in PASSES} for p in peers}
     for r in range(reps):
         for which in PASSES:
-            for p in peers:
+            for p in peers[r % len(peers):] + peers[:r % len(peers)]:  # each round starts one peer further
                 time.sleep(SETTLE_S)
                 samples[p.name][which].append(_timed(lambda: p.run(which), inner[p.name, which]))
         progress(0.8 / reps, f"{label} rep {r + 1}/{reps}")
