@@ -604,12 +604,6 @@ static inline void ROWS(row_range)(const dnbn_part *pt, dnbn_unit w, idx_t b, id
     *i1 = hi < pt->spatial ? hi : pt->spatial;
 }
 
-/* The first image of unit w's last block of ROWS_FC_BLOCK images (w not empty). */
-static inline idx_t ROWS(last_block)(dnbn_unit w)
-{
-    return w.j0 + (w.j1 - 1 - w.j0) / ROWS_FC_BLOCK * ROWS_FC_BLOCK;
-}
-
 static void ROWS(unit_moments)(const float *x, const dnbn_part *pt, dnbn_unit w, double (*acc)[3])
 {
     const idx_t F = pt->filters, S = pt->spatial;
@@ -650,9 +644,8 @@ static void ROWS(unit_forward)(const float *in, float *x, float *xn, float *y, c
                                int stream)
 {
     const idx_t F = pt->filters, S = pt->spatial;
-    if (w.j1 <= w.j0) return;
     if (S > 1) {
-        for (idx_t b = (w.j1 - 1) / S; b >= w.j0 / S; b--) { /* last image first: see unit_backward */
+        for (idx_t b = w.j0 / S; b * S < w.j1; b++) {
             idx_t i0, i1;
             ROWS(row_range)(pt, w, b, &i0, &i1);
             for (idx_t j = 0; j < w.nf; j++) {
@@ -671,7 +664,7 @@ static void ROWS(unit_forward)(const float *in, float *x, float *xn, float *y, c
             ROWS(v_forward_infer)(in + off, y + off, w.nf, mh, ml, inv, g, bt);
         return;
     }
-    for (idx_t b = ROWS(last_block)(w); b >= w.j0; b -= ROWS_FC_BLOCK) {
+    for (idx_t b = w.j0; b < w.j1; b += ROWS_FC_BLOCK) {
         idx_t off = b * F + w.f0, rows = w.j1 - b < ROWS_FC_BLOCK ? w.j1 - b : ROWS_FC_BLOCK;
         ROWS(fc_forward)(in + off, x ? x + off : NULL, xn ? xn + off : NULL, y ? y + off : NULL, F, rows, w.nf, mh, ml,
                          inv, g, bt);
@@ -705,15 +698,8 @@ static void ROWS(unit_backward)(float *out, const float *dy, const float *x, con
                                 const double *a, const double *k, const double *b, const double *c, int stream)
 {
     const idx_t F = pt->filters, S = pt->spatial;
-    if (w.j1 <= w.j0) return;
-    /* The images in reverse of the order unit_sums read them: whatever of the
-     * unit's tensors the cache still holds is the end the sums read last, so
-     * when a unit is larger than the cache its last part is read from there
-     * and only the rest from memory (walking forward would miss on every line,
-     * each evicted just before it is wanted).  The values are the same either
-     * way: each is computed alone. */
     if (S > 1) {
-        for (idx_t im = (w.j1 - 1) / S; im >= w.j0 / S; im--) {
+        for (idx_t im = w.j0 / S; im * S < w.j1; im++) {
             idx_t i0, i1;
             ROWS(row_range)(pt, w, im, &i0, &i1);
             for (idx_t j = 0; j < w.nf; j++) {
@@ -723,7 +709,7 @@ static void ROWS(unit_backward)(float *out, const float *dy, const float *x, con
         }
         return;
     }
-    for (idx_t im = ROWS(last_block)(w); im >= w.j0; im -= ROWS_FC_BLOCK) {
+    for (idx_t im = w.j0; im < w.j1; im += ROWS_FC_BLOCK) {
         idx_t off = im * F + w.f0, rows = w.j1 - im < ROWS_FC_BLOCK ? w.j1 - im : ROWS_FC_BLOCK;
         ROWS(fc_backward)(out + off, dy + off, x + off, F, rows, w.nf, a, k, b, c);
     }
