@@ -18,6 +18,7 @@ PyTorch. :func:`batch_norm` is the matching functional, with the arguments of
 
 How it computes. The C layer runs in standard numerics (docs/reference.md §4: the paper's
 and PyTorch's arithmetic, exact gradients) through a ``torch.autograd.Function``
+(or directly, when nothing requires a gradient or grad mode is off)
 that fills a fresh ``dnbn_layer`` struct per call whose pointers are the
 tensors' own memory: the input is read in place (and kept for backward without
 a copy), the output and the gradients are new tensors written by C, the running
@@ -26,7 +27,7 @@ statistics are updated in place in the module's buffers, ``weight.grad`` and
 The C calls release the GIL and use darknet_bn's own threads
 (``darknet_bn.set_num_threads``, all cores by default), not PyTorch's.
 
-Threads. darknet_bn starts its threads per call; PyTorch's OpenMP workers
+Threads. darknet_bn's workers sleep between calls; PyTorch's OpenMP workers
 (libgomp) keep spin-waiting for a while after each PyTorch operation. With
 several threads, a batch norm that follows a convolution therefore shares the
 cores with spinning workers and can be slower than PyTorch's own (the
@@ -238,6 +239,26 @@ def _new_layer(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, biases:
     return layer
 
 
+def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+             momentum: float, eps: float) -> Tuple[torch.Tensor, Any, Tuple[torch.Tensor, ...]]:
+    """The C layer's forward: (output, the layer struct, the tensors its pointers need alive)."""
+    c = x.shape[1]
+    scales = weight if weight is not None else torch.ones(c)
+    biases = bias if bias is not None else torch.zeros(c)
+    tracked = running_mean is not None and running_var is not None
+    rolling_mean = running_mean if tracked else torch.zeros(c)
+    rolling_var = running_var if tracked else torch.ones(c)
+    out = torch.empty_like(x, memory_format=torch.preserve_format)  # x's layout, contiguous or NHWC
+    stats = torch.empty(4, c, dtype=torch.float32)
+    scratch = torch.empty(c * _SCRATCH, dtype=torch.float64)
+    layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, stats, scratch, float(eps),
+                       float(momentum) if training and tracked else 0.0)
+    net = ffi.new("dnbn_network *", {"input": _fp(x), "delta": ffi.NULL, "train": 1 if training else 0})
+    check(lib.dnbn_forward_batchnorm_layer(layer, net[0]), "darknet_bn.torch batch_norm forward")
+    return out, layer, (scales, stats, scratch)
+
+
 def _channel_shape(x: torch.Tensor) -> List[int]:
     return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
@@ -254,32 +275,21 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
                 momentum: float, eps: float) -> torch.Tensor:
-        c = x.shape[1]
-        scales = weight if weight is not None else torch.ones(c)
-        biases = bias if bias is not None else torch.zeros(c)
-        tracked = running_mean is not None and running_var is not None
-        rolling_mean = running_mean if tracked else torch.zeros(c)
-        rolling_var = running_var if tracked else torch.ones(c)
-        out = torch.empty_like(x, memory_format=torch.preserve_format)  # x's layout, contiguous or NHWC
-        stats = torch.empty(4, c, dtype=torch.float32)
-        scratch = torch.empty(c * _SCRATCH, dtype=torch.float64)
-        layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, stats, scratch, float(eps),
-                           float(momentum) if training and tracked else 0.0)
-        net = ffi.new("dnbn_network *", {"input": _fp(x), "delta": ffi.NULL, "train": 1 if training else 0})
-        check(lib.dnbn_forward_batchnorm_layer(layer, net[0]), "darknet_bn.torch batch_norm forward")
-
+        out, layer, keep = _forward(x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = bool(training)
         ctx.eps = float(eps)
         ctx.save_for_backward(x, weight)
         if training:
             # Backward reads x, scales and the scratch (batch mean and normalizer)
             # through the struct; it writes mean_delta and variance_delta.
-            ctx.layer, ctx.keep = layer, (scales, stats, scratch)
+            ctx.layer, ctx.keep = layer, keep
         else:
-            # The statistics this forward used, as PyTorch keeps them for its backward.
-            ctx.mean = rolling_mean.clone()
-            ctx.var = rolling_var.clone()
-            ctx.invstd = torch.from_numpy(_fold.normalizer(rolling_var.detach().double().cpu().numpy(), "standard",
+            # Eval with running statistics (both given: _servable): the
+            # statistics this forward used, as PyTorch keeps them for its backward.
+            assert running_mean is not None and running_var is not None
+            ctx.mean = running_mean.clone()
+            ctx.var = running_var.clone()
+            ctx.invstd = torch.from_numpy(_fold.normalizer(running_var.detach().double().cpu().numpy(), "standard",
                                                             float(eps))).float()
         return out
 
@@ -387,6 +397,9 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not (input.is_contiguous() or _channels_last(input)):
         input = input.contiguous()  # a transposed or sliced view
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))):
+        # nothing to differentiate (inference, torch.no_grad()): no autograd node, nothing kept for backward
+        return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
     return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
 
 

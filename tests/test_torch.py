@@ -97,15 +97,15 @@ SHAPE_IDS = ["2d", "1d-NC", "1d-NCL"]
 
 @pytest.fixture
 def c_calls(monkeypatch):
-    """Counts the calls that reach the C layer (darknet_bn.torch's autograd Function)."""
+    """Counts the forwards that reach the C layer (darknet_bn.torch._forward), each as its `training` flag."""
     calls = []
-    original = dbt._BatchNormFunction.apply
+    original = dbt._forward
 
     def counting(*args):
         calls.append(args[5])
         return original(*args)
 
-    monkeypatch.setattr(dbt._BatchNormFunction, "apply", counting)
+    monkeypatch.setattr(dbt, "_forward", counting)
     return calls
 
 
@@ -341,6 +341,31 @@ def test_inference_mode_eval(c_calls):
     with torch.inference_mode():
         close(mine(x), ref(x), "y")
     assert c_calls == [False]
+
+
+def test_no_autograd_node_without_gradients(c_calls):
+    """Grad mode off, or nothing requiring a gradient: the C forward runs without an autograd node (eval and
+    training, running statistics updated as PyTorch's); a parameter that requires a gradient gets the node."""
+    ref, mine = pair("BatchNorm2d", 5)
+    x = data((3, 5, 4, 4), 21)
+    with torch.no_grad():
+        y1, y2 = ref(x), mine(x)  # training: batch statistics, running statistics move
+    assert y2.grad_fn is None
+    close(y2, y1, "no_grad training y")
+    compare_buffers(ref, mine, "no_grad training")
+    ref.eval()
+    mine.eval()
+    for m in (ref, mine):
+        m.weight.requires_grad_(False)
+        m.bias.requires_grad_(False)
+    y1, y2 = ref(x), mine(x)  # grad mode on, but nothing requires a gradient
+    assert y2.grad_fn is None
+    close(y2, y1, "eval y")
+    mine.weight.requires_grad_(True)
+    y3 = mine(x)
+    assert y3.grad_fn is not None and type(y3.grad_fn).__name__.startswith("_BatchNormFunction")
+    close(y3, y1, "eval y with a trainable weight")
+    assert c_calls == [True, False, False]
 
 
 def test_momentum_outside_unit_interval_falls_back(c_calls):
