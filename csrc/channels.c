@@ -20,14 +20,15 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads)
     pt.group = 1;
     if (spatial == 1) {
         /* a tall tensor whose images are at most a tile wide (channels-last
-         * activations: N*H*W images of C channels): every unit takes whole
-         * images, a range of them per thread, so that it reads contiguous
-         * memory; otherwise tiles of channels over all the images, shared
-         * among the threads in multiples of 8 */
+         * activations: N*H*W images of C channels), on several threads: every
+         * unit takes whole images, about four ranges of them per thread (a
+         * thread that joins late finds some left), so that it reads
+         * contiguous memory; otherwise tiles of channels over all the images,
+         * shared among the threads in multiples of 8 */
         idx_t tall_parts = DNBN_MAX_PARTIALS / filters;
-        if (tall_parts > pt.threads) tall_parts = pt.threads;
+        if (tall_parts > 4 * (idx_t)pt.threads) tall_parts = 4 * (idx_t)pt.threads;
         if (tall_parts > batch / DNBN_MIN_PART_ROWS) tall_parts = batch / DNBN_MIN_PART_ROWS;
-        if (filters <= DNBN_TILE && tall_parts > 1) {
+        if (filters <= DNBN_TILE && pt.threads > 1 && tall_parts > 1) {
             pt.group = filters;
             pt.parts = (int)tall_parts;
             return pt;

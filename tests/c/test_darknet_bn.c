@@ -1424,7 +1424,7 @@ static void test_paths_run_what_they_name(void)
     dnbn_part gr = dnbn_partition(8, 128, 12 * 12, 1);
     check_true(tn, "groups: 2 threads, >= 8 channels per unit", gr.threads == 2 && gr.parts == 1 && gr.group >= 8);
     dnbn_part fc = dnbn_partition(8192, 40, 1, 1);
-    check_true(tn, "fc (tall): 2 threads over ranges of whole images", fc.threads == 2 && fc.parts == 2 && fc.group == 40);
+    check_true(tn, "fc (tall): 2 threads over ranges of whole images", fc.threads == 2 && fc.parts > 2 && fc.group == 40);
     dnbn_part wide = dnbn_partition(64, 1024, 1, 1);
     check_true(tn, "fc (wide): tiles over all the images", wide.parts == 1 && wide.group < 1024);
     dnbn_set_num_threads(3);
