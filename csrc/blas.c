@@ -3,10 +3,10 @@
  *
  * Six are per-channel reductions and four per-channel elementwise passes.
  * Each kernel fills a description (what to sum or apply, over which
- * tensors), and `reduce` or `map` runs it as the layer runs its phases:
- * dnbn_parallel_for over the partition's units with reduce_units or
- * map_units, loops over a unit's runs that call the row primitives:
- *   kernel -> reduce / map -> dnbn_parallel_for -> reduce_units / map_units -> row primitive.
+ * tensors, on which partition), then runs dnbn_parallel_for over the
+ * partition's units with reduce_units or map_units, whose loops over a unit's
+ * runs call the row primitives, where the loops over values are:
+ *   kernel -> dnbn_parallel_for -> reduce_units / map_units -> row primitive.
  * The formulas are Darknet's (src/blas.c), sums are in double.
  * normalize_cpu and normalize_delta_cpu follow the build's flavor
  * (internal.h).
@@ -40,7 +40,7 @@ typedef struct reduction {
     float *out;                            /* per channel */
     const dnbn_rows *r;
     dnbn_part pt;
-    double *partial; /* [f * parts + part], when channels are split in parts */
+    double *partial; /* [f * parts + part]: the caller's DNBN_MAX_PARTIALS doubles, NULL when channels are whole */
 } reduction;
 
 static float result(const reduction *rd, idx_t f, double s)
@@ -102,57 +102,84 @@ static void reduce_units(void *arg, idx_t lo, idx_t hi)
     }
 }
 
-static void reduce(reduction *rd, int batch, int filters, int spatial)
+/* A reduction's partition, or 0 when a size is <= 0 (nothing to do). */
+static int reduction_start(reduction *rd, int batch, int filters, int spatial)
 {
-    if (!sizes_ok(batch, filters, spatial)) return;
+    if (!sizes_ok(batch, filters, spatial)) return 0;
     rd->r = dnbn_rows_active();
     rd->pt = dnbn_partition(batch, filters, spatial, 1); /* one pass */
-    double partial[DNBN_MAX_PARTIALS]; /* [f * parts + part] */
-    rd->partial = rd->pt.parts > 1 ? partial : NULL;
-    dnbn_parallel_for(dnbn_units(&rd->pt), rd->pt.threads, reduce_units, rd);
-    for (idx_t f = 0; rd->partial && f < filters; f++) { /* the parts of channel f, in order */
-        double s = partial[f * rd->pt.parts];
-        for (idx_t p = 1; p < rd->pt.parts; p++) s += partial[f * rd->pt.parts + p];
+    if (rd->pt.parts == 1) rd->partial = NULL;
+    return 1;
+}
+
+/* Split channels: the parts of each channel summed in order, then its result. */
+static void reduction_finish(reduction *rd)
+{
+    for (idx_t f = 0; rd->partial && f < rd->pt.filters; f++) {
+        double s = rd->partial[f * rd->pt.parts];
+        for (idx_t p = 1; p < rd->pt.parts; p++) s += rd->partial[f * rd->pt.parts + p];
         rd->out[f] = result(rd, f, s);
     }
 }
 
+/* Each reduction: describe it, then dnbn_parallel_for over the units with
+ * reduce_units, then (split channels) the parts' sums. */
 void mean_cpu(float *x, int batch, int filters, int spatial, float *mean)
 {
-    reduction rd = {.sum = SUM_X, .result = MEAN, .x = x, .out = mean};
-    reduce(&rd, batch, filters, spatial);
+    double partial[DNBN_MAX_PARTIALS];
+    reduction rd = {.sum = SUM_X, .result = MEAN, .x = x, .out = mean, .partial = partial};
+    if (!reduction_start(&rd, batch, filters, spatial)) return;
+    dnbn_parallel_for(dnbn_units(&rd.pt), rd.pt.threads, reduce_units, &rd);
+    reduction_finish(&rd);
 }
 
 void variance_cpu(float *x, float *mean, int batch, int filters, int spatial, float *variance)
 {
-    reduction rd = {.sum = SUM_SQ_DEV, .result = VARIANCE, .x = x, .k = mean, .out = variance};
-    reduce(&rd, batch, filters, spatial);
+    double partial[DNBN_MAX_PARTIALS];
+    reduction rd = {.sum = SUM_SQ_DEV, .result = VARIANCE, .x = x, .k = mean, .out = variance, .partial = partial};
+    if (!reduction_start(&rd, batch, filters, spatial)) return;
+    dnbn_parallel_for(dnbn_units(&rd.pt), rd.pt.threads, reduce_units, &rd);
+    reduction_finish(&rd);
 }
 
 void backward_bias(float *bias_updates, float *delta, int batch, int n, int size)
 {
-    reduction rd = {.sum = SUM_DELTA, .result = ACCUMULATE, .delta = delta, .out = bias_updates};
-    reduce(&rd, batch, n, size);
+    double partial[DNBN_MAX_PARTIALS];
+    reduction rd = {.sum = SUM_DELTA, .result = ACCUMULATE, .delta = delta, .out = bias_updates, .partial = partial};
+    if (!reduction_start(&rd, batch, n, size)) return;
+    dnbn_parallel_for(dnbn_units(&rd.pt), rd.pt.threads, reduce_units, &rd);
+    reduction_finish(&rd);
 }
 
 void backward_scale_cpu(float *x_norm, float *delta, int batch, int n, int size, float *scale_updates)
 {
-    reduction rd = {.sum = SUM_DOT, .result = ACCUMULATE, .x = x_norm, .delta = delta, .out = scale_updates};
-    reduce(&rd, batch, n, size);
+    double partial[DNBN_MAX_PARTIALS];
+    reduction rd = {.sum = SUM_DOT, .result = ACCUMULATE, .x = x_norm, .delta = delta, .out = scale_updates,
+                    .partial = partial};
+    if (!reduction_start(&rd, batch, n, size)) return;
+    dnbn_parallel_for(dnbn_units(&rd.pt), rd.pt.threads, reduce_units, &rd);
+    reduction_finish(&rd);
 }
 
 void mean_delta_cpu(float *delta, float *variance, int batch, int filters, int spatial, float *mean_delta)
 {
-    reduction rd = {.sum = SUM_DELTA, .result = MEAN_DELTA, .delta = delta, .variance = variance, .out = mean_delta};
-    reduce(&rd, batch, filters, spatial);
+    double partial[DNBN_MAX_PARTIALS];
+    reduction rd = {.sum = SUM_DELTA, .result = MEAN_DELTA, .delta = delta, .variance = variance, .out = mean_delta,
+                    .partial = partial};
+    if (!reduction_start(&rd, batch, filters, spatial)) return;
+    dnbn_parallel_for(dnbn_units(&rd.pt), rd.pt.threads, reduce_units, &rd);
+    reduction_finish(&rd);
 }
 
 void variance_delta_cpu(float *x, float *delta, float *mean, float *variance, int batch, int filters, int spatial,
                         float *variance_delta)
 {
+    double partial[DNBN_MAX_PARTIALS];
     reduction rd = {.sum = SUM_DOT_DEV, .result = VARIANCE_DELTA, .x = x, .delta = delta, .k = mean,
-                    .variance = variance, .out = variance_delta};
-    reduce(&rd, batch, filters, spatial);
+                    .variance = variance, .out = variance_delta, .partial = partial};
+    if (!reduction_start(&rd, batch, filters, spatial)) return;
+    dnbn_parallel_for(dnbn_units(&rd.pt), rd.pt.threads, reduce_units, &rd);
+    reduction_finish(&rd);
 }
 
 /* ---- elementwise passes ---- */
@@ -231,30 +258,32 @@ static void map_units(void *arg, idx_t lo, idx_t hi)
     }
 }
 
-static void map(elementwise *ew, int batch, int filters, int spatial)
+/* An elementwise pass's partition, or 0 when a size is <= 0 (nothing to do). */
+static int map_start(elementwise *ew, int batch, int filters, int spatial)
 {
-    if (!sizes_ok(batch, filters, spatial)) return;
+    if (!sizes_ok(batch, filters, spatial)) return 0;
     ew->r = dnbn_rows_active();
     ew->pt = dnbn_partition(batch, filters, spatial, 1);
-    dnbn_parallel_for(dnbn_units(&ew->pt), ew->pt.threads, map_units, ew);
+    return 1;
 }
 
+/* Each elementwise pass: describe it, then dnbn_parallel_for over the units with map_units. */
 void normalize_cpu(float *x, float *mean, float *variance, int batch, int filters, int spatial)
 {
     elementwise ew = {.kind = NORMALIZE, .x = x, .mean = mean, .variance = variance};
-    map(&ew, batch, filters, spatial);
+    if (map_start(&ew, batch, filters, spatial)) dnbn_parallel_for(dnbn_units(&ew.pt), ew.pt.threads, map_units, &ew);
 }
 
 void scale_bias(float *output, float *scales, int batch, int n, int size)
 {
     elementwise ew = {.kind = SCALE, .x = output, .params = scales};
-    map(&ew, batch, n, size);
+    if (map_start(&ew, batch, n, size)) dnbn_parallel_for(dnbn_units(&ew.pt), ew.pt.threads, map_units, &ew);
 }
 
 void add_bias(float *output, float *biases, int batch, int n, int size)
 {
     elementwise ew = {.kind = SHIFT, .x = output, .params = biases};
-    map(&ew, batch, n, size);
+    if (map_start(&ew, batch, n, size)) dnbn_parallel_for(dnbn_units(&ew.pt), ew.pt.threads, map_units, &ew);
 }
 
 void normalize_delta_cpu(float *x, float *mean, float *variance, float *mean_delta, float *variance_delta, int batch,
@@ -262,5 +291,5 @@ void normalize_delta_cpu(float *x, float *mean, float *variance, float *mean_del
 {
     elementwise ew = {.kind = NORMALIZE_DELTA, .x = x, .delta = delta, .mean = mean, .variance = variance,
                       .mean_delta = mean_delta, .variance_delta = variance_delta};
-    map(&ew, batch, filters, spatial);
+    if (map_start(&ew, batch, filters, spatial)) dnbn_parallel_for(dnbn_units(&ew.pt), ew.pt.threads, map_units, &ew);
 }
