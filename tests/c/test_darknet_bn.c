@@ -1433,6 +1433,46 @@ static void test_paths_run_what_they_name(void)
     dnbn_set_num_threads(saved);
 }
 
+/* Values covered by the units of a partition (each once: units tile channels x values). */
+static idx_t partition_values(const dnbn_part *pt)
+{
+    idx_t covered = 0;
+    for (idx_t u = 0; u < dnbn_units(pt); u++) {
+        dnbn_unit w = dnbn_unit_at(pt, u);
+        covered += w.nf * (w.j1 - w.j0);
+    }
+    return covered;
+}
+
+/* Several threads: enough units that a worker which wakes late still finds some (about eight channel
+ * groups per thread; a tall spatial == 1 tensor about four image ranges per thread); one thread: groups
+ * sized by the cache alone, and a tall tensor in one tile. Units always tile the tensor exactly. */
+static void test_partition_leaves_work_for_late_workers(void)
+{
+    g_test = __func__;
+    const char *tn = "partition";
+    int saved = dnbn_get_num_threads();
+    dnbn_set_num_threads(2);
+    for (int reads = 1; reads <= 2; reads++) {
+        dnbn_part pt = dnbn_partition(8, 128, 52 * 52, reads);
+        check_true(tn, "8x128x52x52 at 2 threads: whole channels, >= 16 units", pt.threads == 2 && pt.parts == 1 &&
+                                                                                  dnbn_units(&pt) >= 16);
+        check_true(tn, "8x128x52x52 at 2 threads: units tile the tensor", partition_values(&pt) == 128 * 8 * 2704);
+    }
+    dnbn_part tall = dnbn_partition(21632, 128, 1, 1);
+    check_true(tn, "21632x128 at 2 threads: 8 ranges of whole images", tall.parts == 8 && tall.group == 128);
+    check_true(tn, "21632x128 at 2 threads: units tile the tensor", partition_values(&tall) == (idx_t)21632 * 128);
+    dnbn_set_num_threads(1);
+    dnbn_part one = dnbn_partition(8, 128, 52 * 52, 1);
+    idx_t by_cache = dnbn_group_bytes() / (8 * 2704 * (idx_t)sizeof(float));
+    check_true(tn, "8x128x52x52 at 1 thread: groups sized by the cache",
+               one.group == (by_cache > 64 ? 64 : by_cache < 1 ? 1 : by_cache));
+    dnbn_part tall1 = dnbn_partition(21632, 128, 1, 1);
+    check_true(tn, "21632x128 at 1 thread: one tile of all the images", tall1.parts == 1 && dnbn_units(&tall1) == 1);
+    check_true(tn, "21632x128 at 1 thread: units tile the tensor", partition_values(&tall1) == (idx_t)21632 * 128);
+    dnbn_set_num_threads(saved);
+}
+
 /* Threads of this process (entries of /proc/self/task), or -1 where that is not available. */
 static int process_threads(void)
 {
@@ -2304,6 +2344,7 @@ int main(void)
     test_make_errors();
     test_layer_edges();
     test_paths_run_what_they_name();
+    test_partition_leaves_work_for_late_workers();
     test_pool_persists_and_shrinks();
     test_row_primitives_bit_identical();
     test_set_numerics();
