@@ -99,6 +99,7 @@ Importing this module needs PyTorch; ``import darknet_bn`` never imports it.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -142,7 +143,7 @@ def _dp(t: torch.Tensor) -> Any:
 
 def _plain_cpu_f32(t: torch.Tensor) -> bool:
     """A real tensor (not a subclass or wrapper) of float32 values in CPU memory, strided."""
-    if type(t) not in _PLAIN_TYPES or t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided:
+    if type(t) not in _PLAIN_TYPES or t.dtype != torch.float32 or not t.is_cpu or t.layout != torch.strided:
         return False
     if _is_wrapped is not None and _is_wrapped(t):
         return False
@@ -181,6 +182,12 @@ def _dims(x: torch.Tensor) -> Tuple[int, int, int, int]:
     return n, c, x.shape[2], math.prod(x.shape[3:])
 
 
+@functools.lru_cache(maxsize=64)
+def _eps_ok(eps: float) -> bool:
+    """Whether eps is positive and finite in float32 (as the C layer stores it); a model has few distinct ones."""
+    return bool(0.0 < np.float32(eps) < np.inf)
+
+
 def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
               momentum: Any, eps: Any) -> bool:
     """Whether the C layer can compute this call (see the module docstring for what cannot)."""
@@ -199,7 +206,7 @@ def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias
         return False  # PyTorch raises its own error
     if training and n * h * w < 2:
         return False  # PyTorch raises "Expected more than 1 value per channel when training"
-    if not isinstance(eps, (int, float)) or not 0.0 < np.float32(eps) < np.inf:
+    if not isinstance(eps, (int, float)) or not _eps_ok(eps):
         return False
     if training and running_mean is not None:
         if not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
@@ -218,24 +225,22 @@ def _new_layer(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, biases:
     the running statistics, which here are the module's buffers.
     """
     n, c, h, w = _dims(x)
+    # ffi.new zero-fills: x_norm (never touched with keep_x_norm = 0), delta,
+    # scale_updates and bias_updates (set in backward), keep_x_norm, state and
+    # memory stay NULL / 0.
     layer = ffi.new("dnbn_layer *")
     layer.batch, layer.out_c, layer.out_h, layer.out_w, layer.outputs = n, c, h, w, c * h * w
     layer.output = _fp(out)
     layer.x = _fp(x)  # the input itself: forward does not copy it
-    layer.x_norm = ffi.NULL  # never touched with keep_x_norm = 0
-    layer.delta = ffi.NULL  # set in backward
     layer.scales, layer.biases = _fp(scales), _fp(biases)
     layer.rolling_mean, layer.rolling_variance = _fp(rolling_mean), _fp(rolling_var)
-    layer.mean, layer.variance = _fp(stats[0]), _fp(stats[1])
-    layer.mean_delta, layer.variance_delta = _fp(stats[2]), _fp(stats[3])
-    layer.scale_updates = layer.bias_updates = ffi.NULL  # set in backward
+    row = stats.data_ptr()  # stats is contiguous (4, c): its rows c floats apart
+    layer.mean, layer.variance = ffi.cast("float *", row), ffi.cast("float *", row + 4 * c)
+    layer.mean_delta, layer.variance_delta = ffi.cast("float *", row + 8 * c), ffi.cast("float *", row + 12 * c)
     layer.numerics = lib.DNBN_NUMERICS_STANDARD
     layer.eps = eps
     layer.momentum = momentum
-    layer.keep_x_norm = 0
-    layer.state = 0
     layer.scratch = _dp(scratch)
-    layer.memory = ffi.NULL
     return layer
 
 
