@@ -59,14 +59,15 @@ typedef struct bufs {
 
 typedef void (*bench_fn)(bufs *);
 
-/* Calls fn while a call changes the library's store trials (docs/reference.md
- * §5: the first calls of a pass time plain against streaming stores), so that
- * no timed call is a trial; at most 16 calls, at least one (page faults, caches). */
+/* Calls fn while a call changes the library's trials (docs/reference.md §5:
+ * the first calls of a pass time plain against streaming stores, then
+ * channel-group sizes), so that no timed call is a trial; at most 32 calls, at
+ * least one (page faults, caches). */
 static void warm_up(bench_fn fn, bufs *b)
 {
-    static char before[1 << 15], after[1 << 15];
+    static char before[1 << 16], after[1 << 16];
     dnbn_tuning_report(before, sizeof before);
-    for (int k = 0; k < 16; k++) {
+    for (int k = 0; k < 32; k++) {
         fn(b);
         dnbn_tuning_report(after, sizeof after);
         if (!strstr(after, "\"trying\"") || strcmp(before, after) == 0) return;

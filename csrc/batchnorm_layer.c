@@ -162,17 +162,24 @@ typedef struct pass {
     dnbn_stream_trial trial;
 } pass;
 
-/* A pass over l reading `in`, for a call of the given kind touching `tensors`
- * activation tensors in all (streaming stores are timed per kind, tuning.c). */
-static pass make_pass(dnbn_layer *l, const dnbn_part *pt, const float *in, int tensors, int kind)
+/* A pass over l reading `in` (its units read `reads` tensors twice), for a
+ * call of the given kind touching `tensors` activation tensors in all: the
+ * store and group-size choices for it (timed per kind, tuning.c), then its
+ * partition into *pt. */
+static pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float *in, int tensors, int kind)
 {
-    pass p = {l, dnbn_rows_active(), pt, in, NULL, NULL, NULL, 0, (double)pt->m, NULL, {NULL, NULL}, {-1, 0, 0}};
-    /* streaming needs whole 64-byte lines per row: a line written partly by
-     * streaming and partly by ordinary stores is slow on both */
-    int rows_whole = pt->spatial % 16 == 0;
-    if (kind >= 0)
-        p.stream = dnbn_stream_begin(&p.trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors,
-                                     pt->threads, rows_whole);
+    int spatial = l->out_h * l->out_w, stream = 0;
+    dnbn_stream_trial trial = {.slot = -1, .group_bytes = dnbn_group_bytes()};
+    if (kind >= 0) {
+        int threads = dnbn_threads_for((idx_t)l->batch * l->outputs);
+        /* streaming needs whole 64-byte lines per row: a line written partly by
+         * streaming and partly by ordinary stores is slow on both */
+        int rows_whole = spatial % 16 == 0, grouped = spatial > 1 && l->out_c >= threads;
+        stream = dnbn_stream_begin(&trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors,
+                                   threads, rows_whole, grouped);
+    }
+    *pt = dnbn_partition_sized(l->batch, l->out_c, spatial, reads, trial.group_bytes);
+    pass p = {l, dnbn_rows_active(), pt, in, NULL, NULL, NULL, stream, (double)pt->m, NULL, {NULL, NULL}, trial};
     return p;
 }
 
@@ -415,8 +422,8 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
     if (!layer_ok(l) || !net.input || (net.train && !train_buffers_ok(l))) return DNBN_ERR_ARG;
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, spatial, 1);
-    pass p = make_pass(l, &pt, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
+    dnbn_part pt;
+    pass p = make_pass(l, &pt, 1, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
                        net.train ? DNBN_PASS_FORWARD_TRAIN : DNBN_PASS_FORWARD_INFER);
     p.y = l->output;
     if (!net.train) {
@@ -450,8 +457,8 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
 {
     if (!layer_ok(l) || !l->x || !l->x_norm) return DNBN_ERR_ARG;
     if (!l->trained) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 1);
-    pass p = make_pass(l, &pt, l->x, 2, DNBN_PASS_FILL);
+    dnbn_part pt;
+    pass p = make_pass(l, &pt, 1, l->x, 2, DNBN_PASS_FILL);
     p.xn = l->x_norm; /* the forward's own arithmetic on x (= its input), x_norm only */
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
     l->x_norm_current = 1;
@@ -465,8 +472,8 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
 {
     if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 2);
-    pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD);
+    dnbn_part pt;
+    pass p = make_pass(l, &pt, 2, delta_in, 3, DNBN_PASS_BACKWARD);
     if (pt.parts == 1) {
         dnbn_parallel_for(dnbn_units(&pt), pt.threads, backward_units, &p);
     } else {
@@ -498,8 +505,8 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
                                     const double *m2)
 {
     if (!layer_ok(l) || !train_buffers_ok(l) || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 1);
-    pass p = make_pass(l, &pt, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
+    dnbn_part pt;
+    pass p = make_pass(l, &pt, 1, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
     for (idx_t f = 0; f < l->out_c; f++) finish_stats(l, f, count, mean[f], m2[f]);
     p.x = l->x == input ? NULL : l->x;
     p.xn = l->keep_x_norm ? l->x_norm : NULL;
@@ -515,8 +522,8 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
     /* reads x and delta_in only: the layer's delta and update buffers may be NULL */
     if (!layer_ok(l) || !l->x || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 2);
-    pass p = make_pass(l, &pt, delta_in, 0, -1);
+    dnbn_part pt;
+    pass p = make_pass(l, &pt, 2, delta_in, 0, -1);
     double partial[DNBN_MAX_PARTIALS][3];
     p.sums[0] = sum_dy;
     p.sums[1] = sum_dy_dev;
@@ -536,8 +543,8 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
     if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in || !sum_dy || !sum_dy_dev || !(count >= 1))
         return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
-    dnbn_part pt = dnbn_partition(l->batch, l->out_c, l->out_h * l->out_w, 2);
-    pass p = make_pass(l, &pt, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
+    dnbn_part pt;
+    pass p = make_pass(l, &pt, 2, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
     p.count = count;
     for (idx_t f = 0; f < l->out_c; f++) finish_sums(l, f, count, sum_dy[f], sum_dy_dev[f]);
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, delta_units, &p);

@@ -9,6 +9,11 @@
 
 dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads)
 {
+    return dnbn_partition_sized(batch, filters, spatial, reads, dnbn_group_bytes());
+}
+
+dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, idx_t group_bytes)
+{
     dnbn_part pt = {0};
     if (batch <= 0 || filters <= 0 || spatial <= 0) return pt;
     pt.batch = batch;
@@ -48,7 +53,7 @@ dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads)
      * than 1 MB ones on a 1 MB-L2 AMD machine; on a 2 MB-L2 Intel one the
      * backward, which reads two tensors twice, was 13 % faster with 256 KB
      * groups than with 2 MB ones, the forward the same) */
-    idx_t group = dnbn_group_bytes() / (pt.m * (idx_t)sizeof(float) * (reads > 1 ? reads : 1));
+    idx_t group = group_bytes / (pt.m * (idx_t)sizeof(float) * (reads > 1 ? reads : 1));
     if (pt.threads > 1) { /* about eight units per thread, for threads that join late */
         idx_t balanced = filters / (8 * (idx_t)pt.threads);
         if (group > balanced) group = balanced;

@@ -3,10 +3,13 @@
  * runs, once per process and lazily, each overridable by an environment
  * variable and reported by dnbn_tuning_report (Python: darknet_bn.info()).
  *
- *   group size   Input bytes of a channel group (channels.c): the L2 cache of
- *                one core, read from the system (sysconf, then sysfs), so that
- *                the second pass over a group finds it in L2.
- *                DARKNET_BN_GROUP_KB overrides.
+ *   group size   Input bytes of a channel group (channels.c): from the L2
+ *                cache of one core, read from the system (sysconf, then
+ *                sysfs), so that the second pass over a group finds it in
+ *                cache; then timed per kind of pass, size class and thread
+ *                count against its half, quarter and eighth (which pays
+ *                differs by machine), after the stores below.
+ *                DARKNET_BN_GROUP_KB fixes it.
  *   threads      The least work (element operations) worth another thread:
  *                measured at the first parallel call as the time a sleeping
  *                worker takes to wake and start (median of a few trials) over
@@ -269,13 +272,24 @@ void dnbn_tuning_set_min_work(idx_t work)
  * output in cache for whoever reads it next, which the timing cannot see. */
 #define STREAM_MARGIN 0.95
 #define STREAM_SLOTS 96
+/* Then a pass whose units are channel groups tries group sizes of the
+ * cache-derived size >> 0 .. GROUP_CHOICES - 1, GROUP_TRIAL_CALLS calls each
+ * (the first untimed); a smaller one is kept only if at least 5 % faster. */
+#define STREAM_FIXED (-2)
+#define GROUP_CHOICES 4
+#define GROUP_TRIAL_CALLS 3
+#define GROUP_MARGIN 0.95
 
 typedef struct stream_slot {
     int used, pass, log2_bytes, threads;
-    int calls;      /* calls begun */
-    int decided;    /* -1 while trying; then 0 (plain) or 1 (stream) */
+    int calls;      /* calls begun while trying stores */
+    int decided;    /* -1 while trying; then 0 (plain) or 1 (stream); STREAM_FIXED: by the mode or layout */
     int timed[2];   /* calls timed with each choice */
     double best[2]; /* fastest of them, ns */
+    int group_calls;                   /* calls begun while trying group sizes */
+    int group;                         /* -1 while trying; then the shift of the group size kept */
+    int group_timed[GROUP_CHOICES];    /* calls timed with each size */
+    double group_best[GROUP_CHOICES];  /* fastest of them, ns */
 } stream_slot;
 
 static struct {
@@ -331,18 +345,28 @@ static int log2_floor(idx_t v)
     return k;
 }
 
-int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threads, int layout_ok)
+/* Whether DARKNET_BN_GROUP_KB fixed the group size. */
+static int group_overridden(void)
+{
+    dnbn_group_bytes();
+    return strcmp(caches.group_source, "DARKNET_BN_GROUP_KB") == 0;
+}
+
+int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threads, int layout_ok, int grouped)
 {
     trial->slot = -1;
     trial->stream = 0;
-    if (!layout_ok) return 0;
+    trial->timing = DNBN_TIMING_NONE;
+    trial->group_bytes = dnbn_group_bytes();
+    int group_free = grouped && !group_overridden();
     pthread_once(&tuning_atfork_once, tuning_atfork);
     pthread_mutex_lock(&streaming.lock);
     stream_mode_init();
-    int mode = streaming.mode;
-    if (mode != DNBN_STREAM_AUTO || bytes < STREAM_MIN_BYTES) {
+    int mode = streaming.mode, stream_free = layout_ok && mode == DNBN_STREAM_AUTO;
+    int fixed_stream = layout_ok && mode == DNBN_STREAM_ALWAYS;
+    if (bytes < STREAM_MIN_BYTES || (!stream_free && !group_free)) {
         pthread_mutex_unlock(&streaming.lock);
-        return trial->stream = mode == DNBN_STREAM_ALWAYS;
+        return trial->stream = fixed_stream;
     }
     int lb = log2_floor(bytes), free_slot = -1, s = 0;
     for (; s < STREAM_SLOTS; s++) {
@@ -354,17 +378,17 @@ int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threa
         if (e->pass == pass && e->log2_bytes == lb && e->threads == threads) break;
     }
     if (s == STREAM_SLOTS) {
-        if (free_slot < 0) { /* table full: plain stores */
+        if (free_slot < 0) { /* table full: the defaults */
             pthread_mutex_unlock(&streaming.lock);
-            return 0;
+            return trial->stream = fixed_stream;
         }
         s = free_slot;
-        streaming.slot[s] = (stream_slot){1, pass, lb, threads, 0, -1, {0, 0}, {0, 0}};
+        streaming.slot[s] = (stream_slot){.used = 1, .pass = pass, .log2_bytes = lb, .threads = threads,
+                                          .decided = STREAM_FIXED, .group = group_free ? -1 : 0};
     }
     stream_slot *e = &streaming.slot[s];
-    if (e->decided >= 0) {
-        trial->stream = e->decided;
-    } else {
+    if (e->decided == STREAM_FIXED && stream_free) e->decided = -1; /* auto (again): time the stores */
+    if (e->decided == -1) {
         /* A block of plain calls, then one of streaming calls, the first
          * calls of each untimed: a call's time depends on what the calls
          * before it left in the caches (measured: after streaming calls the
@@ -374,9 +398,20 @@ int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threa
         int call = e->calls++, plain_calls = STREAM_PLAIN_WARM + STREAM_TRIALS;
         trial->stream = call >= plain_calls;
         int warm = trial->stream ? call < plain_calls + STREAM_STREAM_WARM : call < STREAM_PLAIN_WARM;
-        if (!warm) trial->slot = s;
-        trial->start = now_ns();
+        if (!warm) trial->slot = s, trial->timing = DNBN_TIMING_STREAM;
+    } else {
+        trial->stream = e->decided == STREAM_FIXED ? fixed_stream : e->decided;
+        if (e->group < 0) { /* then the group sizes, in turn, with the stores kept */
+            int call = e->group_calls++, c = call / GROUP_TRIAL_CALLS;
+            if (c >= GROUP_CHOICES) c = 0; /* calls from other threads while the last timings run */
+            trial->group_bytes >>= c;
+            trial->choice = c;
+            if (call % GROUP_TRIAL_CALLS) trial->slot = s, trial->timing = DNBN_TIMING_GROUP;
+        } else {
+            trial->group_bytes >>= e->group;
+        }
     }
+    trial->start = now_ns();
     pthread_mutex_unlock(&streaming.lock);
     return trial->stream;
 }
@@ -387,11 +422,21 @@ void dnbn_stream_end(const dnbn_stream_trial *trial)
     double took = now_ns() - trial->start;
     pthread_mutex_lock(&streaming.lock);
     stream_slot *e = &streaming.slot[trial->slot];
-    if (e->decided < 0) {
+    if (trial->timing == DNBN_TIMING_STREAM && e->decided == -1) {
         int c = trial->stream;
         if (e->timed[c]++ == 0 || took < e->best[c]) e->best[c] = took;
         if (e->timed[0] >= STREAM_TRIALS && e->timed[1] >= STREAM_TRIALS)
             e->decided = e->best[1] < STREAM_MARGIN * e->best[0];
+    } else if (trial->timing == DNBN_TIMING_GROUP && e->group < 0) {
+        int c = trial->choice, done = 1;
+        if (e->group_timed[c]++ == 0 || took < e->group_best[c]) e->group_best[c] = took;
+        for (int k = 0; k < GROUP_CHOICES; k++) done &= e->group_timed[k] >= GROUP_TRIAL_CALLS - 1;
+        if (done) {
+            int best = 0;
+            for (int k = 1; k < GROUP_CHOICES; k++)
+                if (e->group_best[k] < e->group_best[best]) best = k;
+            e->group = e->group_best[best] < GROUP_MARGIN * e->group_best[0] ? best : 0;
+        }
     }
     pthread_mutex_unlock(&streaming.lock);
 }
@@ -442,9 +487,20 @@ int dnbn_tuning_report(char *buf, int size)
         if (!e->used) continue;
         put(&o,
             "%s{\"pass\": \"%s\", \"bytes_at_least\": %lld, \"threads\": %d, \"choice\": \"%s\", "
-            "\"trial_calls\": %d, \"plain_ms\": %.4f, \"stream_ms\": %.4f}",
+            "\"trial_calls\": %d, \"plain_ms\": %.4f, \"stream_ms\": %.4f, ",
             sep, pass_names[e->pass], (long long)1 << e->log2_bytes, e->threads,
-            e->decided < 0 ? "trying" : e->decided ? "stream" : "plain", e->calls, e->best[0] / 1e6, e->best[1] / 1e6);
+            e->decided == STREAM_FIXED ? "fixed" : e->decided < 0 ? "trying" : e->decided ? "stream" : "plain",
+            e->calls + e->group_calls,
+            e->best[0] / 1e6, e->best[1] / 1e6);
+        if (e->group < 0)
+            put(&o, "\"group_kb\": \"trying\", ");
+        else
+            put(&o, "\"group_kb\": %lld, ", (long long)(caches.group_bytes >> e->group) >> 10);
+        put(&o, "\"group_ms\": [");
+        for (int k = 0; k < GROUP_CHOICES; k++)
+            put(&o, "%s{\"group_kb\": %lld, \"ms\": %.4f}", k ? ", " : "",
+                (long long)(caches.group_bytes >> k) >> 10, e->group_timed[k] ? e->group_best[k] / 1e6 : 0.0);
+        put(&o, "]}");
         sep = ", ";
     }
     put(&o, "]}");

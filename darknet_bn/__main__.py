@@ -99,13 +99,16 @@ def run_info(as_json: bool) -> int:
     tuning = report["tuning"]
     assert isinstance(tuning, dict)
     print(f"caches:       L2 {tuning['l2_bytes'] >> 10} KiB, L3 {tuning['l3_bytes'] >> 10} KiB (0: unknown)")
-    print(f"group:        {tuning['group_bytes'] >> 10} KiB per channel group ({tuning['group_source']})")
+    print(f"group:        {tuning['group_bytes'] >> 10} KiB per channel group ({tuning['group_source']}), "
+          "then timed per pass")
     print(f"min work:     {tuning['min_work_per_thread']} values per extra thread ({tuning['min_work_source']}; "
           f"wake-up {tuning['wake_us']} us, {tuning['value_ns']} ns per value)")
     print(f"streaming:    {tuning['stream']} ({tuning['stream_source']})")
     for d in tuning["stream_decisions"]:
+        sizes = ", ".join(f"{g['group_kb']} KiB {g['ms']:.3f} ms" for g in d["group_ms"])
         print(f"  {d['pass']:<15} >= {d['bytes_at_least'] >> 20} MiB, {d['threads']} thread(s): {d['choice']} "
-              f"(plain {d['plain_ms']:.3f} ms, stream {d['stream_ms']:.3f} ms)")
+              f"(plain {d['plain_ms']:.3f} ms, stream {d['stream_ms']:.3f} ms), group {d['group_kb']} KiB "
+              f"({sizes})")
     for name, value in env.items():
         print(f"{name}: {value if value is not None else '(not set)'}")
     return 0

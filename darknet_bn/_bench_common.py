@@ -122,17 +122,19 @@ def calibrate(fn: Callable[[], None], min_time: float, max_inner: int = 100_000)
         inner = min(max_inner, max(inner * 2, int(inner * 1.2 * min_time / max(t, 1e-9)) + 1))
 
 
-def settle_tuning(fn: Callable[[], None], max_calls: int = 16) -> None:
-    """Call ``fn`` while it advances the library's store trials (docs/reference.md §5).
+def settle_tuning(fn: Callable[[], None], max_calls: int = 32) -> None:
+    """Call ``fn`` while it advances the library's trials (docs/reference.md §5).
 
     The first calls of each kind of pass, size and thread count time plain
-    against streaming stores; samples taken during those trials would mix
-    both. Stops when no trial is left or a call of ``fn`` advanced none (so a
-    callable that makes no trial, PyTorch's or NumPy's, costs one call).
+    against streaming stores, then channel-group sizes; samples taken during
+    those trials would mix them. Stops when no trial is left or a call of
+    ``fn`` advanced none (so a callable that makes no trial, PyTorch's or
+    NumPy's, costs one call).
     """
     def trials() -> Dict[Tuple[str, int, int], int]:
         return {(d["pass"], d["bytes_at_least"], d["threads"]): d["trial_calls"]
-                for d in darknet_bn.info()["tuning"]["stream_decisions"] if d["choice"] == "trying"}
+                for d in darknet_bn.info()["tuning"]["stream_decisions"]
+                if d["choice"] == "trying" or d["group_kb"] == "trying"}
 
     before = trials()
     for _ in range(max_calls):

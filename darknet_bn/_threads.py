@@ -33,9 +33,12 @@ def tuning() -> Dict[str, Any]:
     value); ``stream`` ("auto", "always" or "never"), ``stream_source``,
     ``stream_min_bytes`` and ``stream_decisions``: one entry per kind of pass,
     size class (``bytes_at_least``) and thread count met so far, with its
-    ``choice`` ("trying", "plain" or "stream"), ``trial_calls`` (the calls
-    that tried a choice) and the fastest time measured with each
-    (``plain_ms``, ``stream_ms``).
+    ``choice`` ("trying", "plain", "stream", or "fixed" by
+    ``DARKNET_BN_STREAM`` or the layout), the fastest time measured with each
+    (``plain_ms``, ``stream_ms``), the channel-group size kept (``group_kb``,
+    or "trying") with the fastest time of each size tried (``group_ms``: a
+    list of {``group_kb``, ``ms``}, 0 when not timed), and ``trial_calls``
+    (the calls that tried a choice of either).
     """
     size = int(lib.dnbn_tuning_report(ffi.NULL, 0)) + 1
     for _ in range(4):  # decisions may be added between the two calls

@@ -42,7 +42,8 @@ def test_info_reports_tuning():
     assert t["stream"] in ("auto", "always", "never")
     assert isinstance(t["stream_decisions"], list)
     for d in t["stream_decisions"]:
-        assert d["choice"] in ("trying", "plain", "stream")
+        assert d["choice"] in ("trying", "plain", "stream", "fixed")
+        assert d["group_kb"] == "trying" or d["group_kb"] >= 1
         assert d["bytes_at_least"] >= t["stream_min_bytes"]
 
 
@@ -116,9 +117,10 @@ def test_named_work_splits_run_on_their_threads():
 
 
 def test_store_trials_end_and_the_benchmark_waits_for_them():
-    """auto: a pass's first calls try both stores (each counted), then one is kept; the
-    benchmark's settle_tuning calls a pass until that happens and stops for a callable
-    that makes no trial."""
+    """auto: a pass's first calls try both stores, then (its units being channel groups)
+    group sizes, each call counted, then one of each is kept; the benchmark's
+    settle_tuning calls a pass until that happens and stops for a callable that makes no
+    trial."""
     code = """
 import json, numpy as np, darknet_bn
 from darknet_bn._bench_common import settle_tuning
@@ -139,9 +141,11 @@ print(json.dumps({"first": first, "idle": idle, "settle": len(calls) - idle, "af
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
-    assert [(d["choice"], d["trial_calls"]) for d in r["first"]] == [("trying", 1)]
+    assert [(d["choice"], d["group_kb"], d["trial_calls"]) for d in r["first"]] == [("trying", "trying", 1)]
     assert r["idle"] == 1  # one call, no trial advanced: stop
-    assert r["settle"] == 8  # the other 8 of the 9 trial calls
     (after,) = r["after"]
-    assert after["choice"] in ("plain", "stream") and after["trial_calls"] == 9
-    assert after["plain_ms"] > 0 and after["stream_ms"] > 0
+    assert after["trial_calls"] == 1 + r["settle"] == 9 + 4 * 3  # 9 store calls, 4 group sizes x 3 calls
+    assert after["choice"] in ("plain", "stream") and after["plain_ms"] > 0 and after["stream_ms"] > 0
+    sizes = [g["group_kb"] for g in after["group_ms"]]
+    assert after["group_kb"] in sizes and sizes == sorted(sizes, reverse=True) and sizes[1] * 2 == sizes[0]
+    assert all(g["ms"] > 0 for g in after["group_ms"])

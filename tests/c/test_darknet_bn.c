@@ -1809,6 +1809,24 @@ static void test_tuning(void)
     check_true(tn, "auto: decided after 9 calls",
                entry && (strncmp(strstr(entry, "\"choice\": ") + 10, "\"stream\"", 8) == 0 ||
                          strncmp(strstr(entry, "\"choice\": ") + 10, "\"plain\"", 7) == 0));
+    /* then, channel groups being this pass's units, 4 group sizes x 3 calls; each writes the same bits */
+    if (!getenv("DARKNET_BN_GROUP_KB")) {
+        check_true(tn, "auto: group sizes still to try after the store trials",
+                   entry && strncmp(strstr(entry, "\"group_kb\": ") + 12, "\"trying\"", 8) == 0);
+        float *first = malloc(n * sizeof(float));
+        memcpy(first, l->output, n * sizeof(float));
+        int same = 1;
+        for (int k = 0; k < 12; k++) {
+            dnbn_forward_batchnorm_layer(l, tr);
+            same &= memcmp(first, l->output, n * sizeof(float)) == 0;
+        }
+        free(first);
+        check_true(tn, "auto: every group size tried writes the same output", same);
+        dnbn_tuning_report(report, sizeof report);
+        entry = strstr(report, key);
+        const char *kb = entry ? strstr(entry, "\"group_kb\": ") : NULL;
+        check_true(tn, "auto: a group size kept after 21 calls", kb && kb[12] >= '1' && kb[12] <= '9');
+    }
     free(in);
     free(dy);
     dnbn_free_batchnorm_layer(l);
