@@ -287,7 +287,8 @@ typedef struct stream_slot {
     int timed[2];   /* calls timed with each choice */
     double best[2]; /* fastest of them, ns */
     int group_calls;                   /* calls begun while trying group sizes */
-    int group;                         /* -1 while trying; then the shift of the group size kept */
+    int group;                         /* -1 until decided; then the shift of the group size kept */
+    int grouped;                       /* a call whose units are channel groups came: sizes to try */
     int group_timed[GROUP_CHOICES];    /* calls timed with each size */
     double group_best[GROUP_CHOICES];  /* fastest of them, ns */
 } stream_slot;
@@ -384,9 +385,10 @@ int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threa
         }
         s = free_slot;
         streaming.slot[s] = (stream_slot){.used = 1, .pass = pass, .log2_bytes = lb, .threads = threads,
-                                          .decided = STREAM_FIXED, .group = group_free ? -1 : 0};
+                                          .decided = STREAM_FIXED, .group = group_overridden() ? 0 : -1};
     }
     stream_slot *e = &streaming.slot[s];
+    e->grouped |= group_free; /* calls of other layers in the same class may not be grouped: they try no size */
     if (e->decided == STREAM_FIXED && stream_free) e->decided = -1; /* auto (again): time the stores */
     if (e->decided == -1) {
         /* A block of plain calls, then one of streaming calls, the first
@@ -401,13 +403,13 @@ int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threa
         if (!warm) trial->slot = s, trial->timing = DNBN_TIMING_STREAM;
     } else {
         trial->stream = e->decided == STREAM_FIXED ? fixed_stream : e->decided;
-        if (e->group < 0) { /* then the group sizes, in turn, with the stores kept */
+        if (e->group < 0 && group_free) { /* then the group sizes, in turn, with the stores kept */
             int call = e->group_calls++, c = call / GROUP_TRIAL_CALLS;
             if (c >= GROUP_CHOICES) c = 0; /* calls from other threads while the last timings run */
             trial->group_bytes >>= c;
             trial->choice = c;
             if (call % GROUP_TRIAL_CALLS) trial->slot = s, trial->timing = DNBN_TIMING_GROUP;
-        } else {
+        } else if (e->group > 0 && grouped) {
             trial->group_bytes >>= e->group;
         }
     }
@@ -492,10 +494,10 @@ int dnbn_tuning_report(char *buf, int size)
             e->decided == STREAM_FIXED ? "fixed" : e->decided < 0 ? "trying" : e->decided ? "stream" : "plain",
             e->calls + e->group_calls,
             e->best[0] / 1e6, e->best[1] / 1e6);
-        if (e->group < 0)
+        if (e->group < 0 && e->grouped)
             put(&o, "\"group_kb\": \"trying\", ");
-        else
-            put(&o, "\"group_kb\": %lld, ", (long long)(caches.group_bytes >> e->group) >> 10);
+        else /* decided, or no call in this class had channel groups: the size from the cache */
+            put(&o, "\"group_kb\": %lld, ", (long long)(caches.group_bytes >> (e->group > 0 ? e->group : 0)) >> 10);
         put(&o, "\"group_ms\": [");
         for (int k = 0; k < GROUP_CHOICES; k++)
             put(&o, "%s{\"group_kb\": %lld, \"ms\": %.4f}", k ? ", " : "",
