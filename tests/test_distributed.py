@@ -288,7 +288,6 @@ def test_torch_rank_that_never_joins_times_out(tmp_path):
     rank0, rank1 = launch.read_results(str(tmp_path), 2, "torch timeout")
     assert rank0["error"] is not None, "the forward returned without its peer"
     assert rank0["error"][0] == "RuntimeError" and "Timed out" in rank0["error"][1], rank0["error"]
-    assert 1.5 <= rank0["seconds"] < 30, rank0["seconds"]
     assert rank0["num_batches_tracked"] == 0
     assert rank1["waited"]
 
