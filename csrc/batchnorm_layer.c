@@ -155,11 +155,10 @@ typedef struct pass {
     const dnbn_part *pt;
     const float *in;        /* forward: the input (fill: x); backward: dy */
     float *x, *xn, *y;      /* forward outputs, each NULL when not written */
-    int stream;             /* write with non-temporal stores */
     double count;           /* values per channel in the whole (maybe sharded) batch */
     double (*partial)[3];   /* [f * parts + part], when channels are split in parts */
     double *sums[2];        /* backward_sums: the caller's per-channel outputs */
-    dnbn_stream_trial trial;
+    dnbn_trial trial;       /* the timed choices: trial.stream, non-temporal stores */
 } pass;
 
 /* A pass over l reading `in` (its units read `reads` tensors twice), for a
@@ -168,18 +167,17 @@ typedef struct pass {
  * partition into *pt. */
 static pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float *in, int tensors, int kind)
 {
-    int spatial = l->out_h * l->out_w, stream = 0;
-    dnbn_stream_trial trial = {.slot = -1, .group_bytes = dnbn_group_bytes()};
+    int spatial = l->out_h * l->out_w;
+    dnbn_trial trial = {.slot = -1, .group_bytes = dnbn_group_bytes()};
     if (kind >= 0) {
         int threads = dnbn_threads_for((idx_t)l->batch * l->outputs);
         /* streaming needs whole 64-byte lines per row: a line written partly by
          * streaming and partly by ordinary stores is slow on both */
-        int rows_whole = spatial % 16 == 0, grouped = spatial > 1 && l->out_c >= threads;
-        stream = dnbn_stream_begin(&trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors,
-                                   threads, rows_whole, grouped);
+        dnbn_trial_begin(&trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors, threads,
+                         spatial % 16 == 0, dnbn_partition_grouped(l->out_c, spatial, threads));
     }
     *pt = dnbn_partition_sized(l->batch, l->out_c, spatial, reads, trial.group_bytes);
-    pass p = {l, dnbn_rows_active(), pt, in, NULL, NULL, NULL, stream, (double)pt->m, NULL, {NULL, NULL}, trial};
+    pass p = {l, dnbn_rows_active(), pt, in, NULL, NULL, NULL, (double)pt->m, NULL, {NULL, NULL}, trial};
     return p;
 }
 
@@ -282,7 +280,7 @@ static void train_units(void *arg, idx_t lo, idx_t hi)
             mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
         }
         p->r->unit_forward(p->in, p->x, p->xn, p->y, p->pt, w, mh, ml, inv, l->scales + w.f0, l->biases + w.f0,
-                           p->stream);
+                           p->trial.stream);
     }
 }
 
@@ -315,7 +313,7 @@ static void forward_units(void *arg, idx_t lo, idx_t hi)
             mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
         }
         p->r->unit_forward(p->in, p->x, p->xn, p->y, p->pt, w, mh, ml, inv, l->scales + w.f0, l->biases + w.f0,
-                           p->stream);
+                           p->trial.stream);
     }
 }
 
@@ -330,7 +328,7 @@ static void infer_units(void *arg, idx_t lo, idx_t hi)
         float inv[DNBN_MAX_GROUP];
         for (idx_t j = 0; j < w.nf; j++) inv[j] = (float)infer_inv(l->numerics, l->eps, l->rolling_variance[w.f0 + j]);
         p->r->unit_forward(p->in, NULL, NULL, p->y, p->pt, w, l->rolling_mean + w.f0, zero, inv, l->scales + w.f0,
-                           l->biases + w.f0, p->stream);
+                           l->biases + w.f0, p->trial.stream);
     }
 }
 
@@ -358,7 +356,7 @@ static void backward_units(void *arg, idx_t lo, idx_t hi)
             const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
             a[j] = sc[SC_A], b[j] = sc[SC_B], c[j] = sc[SC_C];
         }
-        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->stream);
+        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->trial.stream);
     }
 }
 
@@ -396,7 +394,7 @@ static void delta_units(void *arg, idx_t lo, idx_t hi)
             const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
             a[j] = sc[SC_A], k[j] = sc[SC_MEAN], b[j] = sc[SC_B], c[j] = sc[SC_C];
         }
-        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->stream);
+        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->trial.stream);
     }
 }
 
@@ -447,7 +445,7 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
         }
         record_training(l);
     }
-    dnbn_stream_end(&p.trial);
+    dnbn_trial_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -462,7 +460,7 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
     p.xn = l->x_norm; /* the forward's own arithmetic on x (= its input), x_norm only */
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
     l->x_norm_current = 1;
-    dnbn_stream_end(&p.trial);
+    dnbn_trial_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -485,7 +483,7 @@ int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
             finish_sums(l, f, p.count, partial[f * pt.parts][0], partial[f * pt.parts][1]);
         dnbn_parallel_for(dnbn_units(&pt), pt.threads, delta_units, &p);
     }
-    dnbn_stream_end(&p.trial);
+    dnbn_trial_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -513,7 +511,7 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
     p.y = l->output;
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
     record_training(l);
-    dnbn_stream_end(&p.trial);
+    dnbn_trial_end(&p.trial);
     return DNBN_OK;
 }
 
@@ -548,7 +546,7 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
     p.count = count;
     for (idx_t f = 0; f < l->out_c; f++) finish_sums(l, f, count, sum_dy[f], sum_dy_dev[f]);
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, delta_units, &p);
-    dnbn_stream_end(&p.trial);
+    dnbn_trial_end(&p.trial);
     return DNBN_OK;
 }
 

@@ -7,6 +7,8 @@
 
 #include "internal.h"
 
+int dnbn_partition_grouped(int filters, int spatial, int threads) { return spatial > 1 && filters >= threads; }
+
 dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads)
 {
     return dnbn_partition_sized(batch, filters, spatial, reads, dnbn_group_bytes());
@@ -42,7 +44,7 @@ dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, i
         pt.group = (int)(per_thread < DNBN_TILE ? per_thread : DNBN_TILE);
         return pt;
     }
-    if (filters < pt.threads) {
+    if (!dnbn_partition_grouped(filters, spatial, pt.threads)) { /* fewer channels than threads */
         idx_t parts = (pt.threads + filters - 1) / filters;
         pt.parts = (int)(parts < pt.m ? parts : pt.m);
         return pt;

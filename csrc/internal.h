@@ -69,24 +69,24 @@ idx_t dnbn_group_bytes(void);
  * the first call that could use `threads` > 1 (or DARKNET_BN_MIN_WORK). */
 idx_t dnbn_min_work_per_thread(int threads);
 
-/* Streaming (non-temporal) stores for a pass: begin returns whether to use
- * them and, while the choice for this kind of pass, size and thread count is
- * still being timed, starts the clock; end stops it. */
+/* The timed choices of a pass (streaming stores, then the channel-group
+ * size): begin returns whether to use streaming (non-temporal) stores and
+ * sets trial->group_bytes, the group size of this call's partition; while a
+ * choice for this kind of pass, size and thread count is still being timed it
+ * starts the clock, and end stops it. Only passes whose units are channel
+ * groups (`grouped`) time group sizes (the cache-derived one and its halves). */
 enum { DNBN_PASS_FORWARD_TRAIN, DNBN_PASS_FORWARD_INFER, DNBN_PASS_BACKWARD, DNBN_PASS_FILL,
        DNBN_PASS_FORWARD_APPLY, DNBN_PASS_BACKWARD_APPLY, DNBN_PASSES };
 enum { DNBN_STREAM_AUTO, DNBN_STREAM_ALWAYS, DNBN_STREAM_NEVER };
 enum { DNBN_TIMING_NONE, DNBN_TIMING_STREAM, DNBN_TIMING_GROUP };
-typedef struct dnbn_stream_trial {
+typedef struct dnbn_trial {
     int slot, stream;
     int timing, choice;  /* what this call times (DNBN_TIMING_*), and which group size */
     idx_t group_bytes;   /* the channel-group size this call's partition uses */
     double start;
-} dnbn_stream_trial;
-/* A pass whose units are channel groups (`grouped`) then also times group
- * sizes (the cache-derived one and its halves) and keeps the fastest;
- * trial->group_bytes is the size for this call. */
-int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threads, int layout_ok, int grouped);
-void dnbn_stream_end(const dnbn_stream_trial *trial);
+} dnbn_trial;
+int dnbn_trial_begin(dnbn_trial *trial, int pass, idx_t bytes, int threads, int layout_ok, int grouped);
+void dnbn_trial_end(const dnbn_trial *trial);
 
 /* For tests and benchmarks: fix a choice for the rest of the process. */
 void dnbn_tuning_set_min_work(idx_t work);
@@ -131,6 +131,8 @@ typedef struct dnbn_unit {
 /* The partition of a pass whose units are read `reads` tensors at a time
  * (forward 1: the input; backward 2: delta and x). */
 dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads);
+/* Whether the units of such a partition at `threads` threads are channel groups (what the group size sizes). */
+int dnbn_partition_grouped(int filters, int spatial, int threads);
 /* The same with channel groups of `group_bytes` input bytes instead of dnbn_group_bytes(). */
 dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, idx_t group_bytes);
 dnbn_unit dnbn_unit_at(const dnbn_part *pt, idx_t unit);

@@ -115,6 +115,7 @@ static struct {
     idx_t group_bytes;
     long l2, l3;
     const char *group_source;
+    int group_fixed; /* by DARKNET_BN_GROUP_KB: no group-size trials */
 } caches;
 static pthread_once_t caches_once = PTHREAD_ONCE_INIT;
 
@@ -127,6 +128,7 @@ static void read_caches(void)
     if (kb) {
         caches.group_bytes = (idx_t)kb << 10;
         caches.group_source = "DARKNET_BN_GROUP_KB";
+        caches.group_fixed = 1;
         return;
     }
     idx_t g = caches.l2 > 0 ? caches.l2 : GROUP_DEFAULT_BYTES;
@@ -346,20 +348,13 @@ static int log2_floor(idx_t v)
     return k;
 }
 
-/* Whether DARKNET_BN_GROUP_KB fixed the group size. */
-static int group_overridden(void)
-{
-    dnbn_group_bytes();
-    return strcmp(caches.group_source, "DARKNET_BN_GROUP_KB") == 0;
-}
-
-int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threads, int layout_ok, int grouped)
+int dnbn_trial_begin(dnbn_trial *trial, int pass, idx_t bytes, int threads, int layout_ok, int grouped)
 {
     trial->slot = -1;
     trial->stream = 0;
     trial->timing = DNBN_TIMING_NONE;
-    trial->group_bytes = dnbn_group_bytes();
-    int group_free = grouped && !group_overridden();
+    trial->group_bytes = dnbn_group_bytes(); /* reads the caches (once) */
+    int group_free = grouped && !caches.group_fixed;
     pthread_once(&tuning_atfork_once, tuning_atfork);
     pthread_mutex_lock(&streaming.lock);
     stream_mode_init();
@@ -385,7 +380,7 @@ int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threa
         }
         s = free_slot;
         streaming.slot[s] = (stream_slot){.used = 1, .pass = pass, .log2_bytes = lb, .threads = threads,
-                                          .decided = STREAM_FIXED, .group = group_overridden() ? 0 : -1};
+                                          .decided = STREAM_FIXED, .group = caches.group_fixed ? 0 : -1};
     }
     stream_slot *e = &streaming.slot[s];
     e->grouped |= group_free; /* calls of other layers in the same class may not be grouped: they try no size */
@@ -413,12 +408,12 @@ int dnbn_stream_begin(dnbn_stream_trial *trial, int pass, idx_t bytes, int threa
             trial->group_bytes >>= e->group;
         }
     }
-    trial->start = now_ns();
     pthread_mutex_unlock(&streaming.lock);
+    if (trial->slot >= 0) trial->start = now_ns();
     return trial->stream;
 }
 
-void dnbn_stream_end(const dnbn_stream_trial *trial)
+void dnbn_trial_end(const dnbn_trial *trial)
 {
     if (trial->slot < 0) return;
     double took = now_ns() - trial->start;

@@ -155,7 +155,7 @@ def rep_count(reps: Optional[int], budget: float, one_rep: float, max_reps: int)
 
 
 def interleaved(
-    fns: Dict[str, Callable[[], None]],
+    fns: Dict[Any, Callable[[], None]],
     *,
     reps: Optional[int],
     min_time: float,
@@ -166,8 +166,8 @@ def interleaved(
     before: Optional[Callable[[], None]] = None,
     settle: float = SETTLE_S,
     weight: float = 1.0,
-) -> Tuple[Dict[str, Dict[str, Any]], int]:
-    """Time each callable of ``fns``: warm-up, inner loop count, then repetitions interleaved.
+) -> Tuple[Dict[Any, Dict[str, Any]], int]:
+    """Time each callable of ``fns`` (any hashable keys): warm-up, inner loop count, then repetitions interleaved.
 
     Each repetition runs every callable once, starting one further along each
     time (A B C, B C A, C A B, ...), so that none always follows the same one.
@@ -178,7 +178,7 @@ def interleaved(
     ``budget`` seconds (3 to ``max_reps``). Advances ``progress`` by
     ``weight`` cells in total. Returns ({name: {"s": median, "samples": [...], "inner": n}}, reps).
     """
-    inner: Dict[str, int] = {}
+    inner: Dict[Any, int] = {}
     one_rep = 0.0
     for name, fn in fns.items():
         if before is None:
@@ -194,7 +194,7 @@ def interleaved(
             one_rep += _timed(pair, inner[name]) * inner[name]
     progress(0.2 * weight, f"{label} warm")
     n_reps = rep_count(reps, budget, one_rep, max_reps)
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    samples: Dict[Any, List[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(n_reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -210,13 +210,19 @@ def interleaved(
 # --------------------------------------------------------------------------- formatting
 
 
+def time_unit(s: float) -> Tuple[float, str]:
+    """Seconds as (value, unit) in s, ms or us, whichever keeps the value at 1 or more (below 1 us: us)."""
+    if s >= 1:
+        return s, "s"
+    if s >= 1e-3:
+        return s * 1e3, "ms"
+    return s * 1e6, "us"
+
+
 def fmt_time(s: float) -> str:
     """A time per call with a unit that keeps 3-4 significant digits."""
-    if s >= 1:
-        return f"{s:8.3f} s "
-    if s >= 1e-3:
-        return f"{s * 1e3:8.3f} ms"
-    return f"{s * 1e6:8.2f} us"
+    value, unit = time_unit(s)
+    return f"{value:8.2f} us" if unit == "us" else f"{value:8.3f} {unit:2s}"
 
 
 def fmt_size(megabytes: float) -> str:

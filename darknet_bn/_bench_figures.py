@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from darknet_bn._bench_common import fmt_size, shape_label
+from darknet_bn._bench_common import fmt_size, shape_label, time_unit
 from darknet_bn._bench_targets import faster_torch
 
 DN_COLOR = "#1f77b4"
@@ -33,11 +33,8 @@ def _pyplot() -> Any:
 
 
 def _time_label(s: float, _pos: Any = None) -> str:
-    if s >= 1:
-        return f"{s:g} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:g} ms"
-    return f"{s * 1e6:g} us"
+    value, unit = time_unit(s)
+    return f"{value:g} {unit}"
 
 
 def ratio_text(r: float) -> str:

@@ -98,6 +98,7 @@ from darknet_bn._bench_common import (  # noqa: F401  (re-exported: the benchmar
     default_threads,
     fmt_size,
     fmt_time,
+    interleaved,
     make_data,
     set_threads,
     settle_tuning,
@@ -541,26 +542,11 @@ def bench_cell(
     set_threads(threads, torch)
     b, c, h, w = peers[0].shape
     label = f"{b}x{c}x{h}x{w} @{threads}t"
-    # warm up (twice) and choose the inner loop count of each (peer, pass)
-    inner: Dict[Tuple[str, str], int] = {}
-    one_rep = 0.0
-    for p in peers:
-        for which in PASSES:
-            fn = (lambda p=p, which=which: p.run(which))
-            fn()
-            settle_tuning(fn)
-            inner[p.name, which] = calibrate(fn, min_time)
-            one_rep += _timed(fn, inner[p.name, which]) * inner[p.name, which]
-    progress(0.2, f"{label} warm")
-    if reps is None:
-        reps = int(min(max_reps, max(3, budget // max(one_rep, 1e-9))))
-    samples: Dict[str, Dict[str, List[float]]] = {p.name: {k: [] for k in PASSES} for p in peers}
-    for r in range(reps):
-        for which in PASSES:
-            for p in peers[r % len(peers):] + peers[:r % len(peers)]:  # each round starts one peer further
-                time.sleep(SETTLE_S)
-                samples[p.name][which].append(_timed(lambda: p.run(which), inner[p.name, which]))
-        progress(0.8 / reps, f"{label} rep {r + 1}/{reps}")
+    fns = {(p.name, which): (lambda p=p, which=which: p.run(which)) for which in PASSES for p in peers}
+    timed, reps = interleaved(fns, reps=reps, min_time=min_time, budget=budget, max_reps=max_reps,
+                              progress=progress, label=label)
+    samples = {p.name: {k: timed[p.name, k]["samples"] for k in PASSES} for p in peers}
+    inner = {key: t["inner"] for key, t in timed.items()}
     n_values = b * c * h * w
     roof = {k: ROOF_FLOATS[k] * 4 * n_values / bandwidth for k in PASSES}
     cell: Dict[str, Any] = {

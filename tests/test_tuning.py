@@ -26,10 +26,16 @@ print(json.dumps(darknet_bn.info()["tuning"]))
 """
 
 
-def tuning_with(**env: str) -> Dict[str, Any]:
-    """info()["tuning"] after one parallel training forward, in a child with `env` added."""
+def clean_env(**env: str) -> Dict[str, str]:
+    """This process's environment without any DARKNET_BN_ setting, with `env` added."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("DARKNET_BN_")}
     child_env.update(env)
+    return child_env
+
+
+def tuning_with(**env: str) -> Dict[str, Any]:
+    """info()["tuning"] after one parallel training forward, in a child with `env` added."""
+    child_env = clean_env(**env)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=child_env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -89,9 +95,8 @@ np.save(OUT, np.stack([y, dx, z]))
     results = []
     for mode in ("never", "always"):
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dnbn_stream_{os.getpid()}_{mode}.npy")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DARKNET_BN_")}
-        env["DARKNET_BN_STREAM"] = mode
-        subprocess.run([sys.executable, "-c", f"OUT = {path!r}\n" + code], env=env, check=True, timeout=120)
+        subprocess.run([sys.executable, "-c", f"OUT = {path!r}\n" + code], env=clean_env(DARKNET_BN_STREAM=mode),
+                       check=True, timeout=120)
         results.append(np.load(path))
         os.unlink(path)
     assert results[0].tobytes() == results[1].tobytes()
@@ -137,8 +142,7 @@ idle = len(calls)
 settle_tuning(lambda: (calls.append(1), layer.forward(x, train=False)))
 print(json.dumps({"first": first, "idle": idle, "settle": len(calls) - idle, "after": entry()}))
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKNET_BN_")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120,
                          check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     assert [(d["choice"], d["group_kb"], d["trial_calls"]) for d in r["first"]] == [("trying", "trying", 1)]
