@@ -49,7 +49,7 @@ all: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a $(BUILD)/bench_batchnorm
 
 lib: $(BUILD)/libdarknet_bn.so $(BUILD)/libdarknet_bn.a
 
-$(BUILD)/obj/%.o: csrc/%.c $(HEADERS) csrc/rows.inc.h csrc/cflags.txt
+$(BUILD)/obj/%.o: csrc/%.c $(HEADERS) csrc/cflags.txt
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_LIB) -c $< -o $@
 
@@ -66,7 +66,7 @@ $(BUILD)/libdarknet_bn.so: $(LIB_OBJS)
 ALEXEYAB_OBJS := $(patsubst csrc/%.c,$(BUILD)/obj-alexeyab/%.o,$(LIB_SRCS))
 ALEXEYAB_LIBS := $(BUILD)/libdarknet_bn_alexeyab.so $(BUILD)/libdarknet_bn_alexeyab.a
 
-$(BUILD)/obj-alexeyab/%.o: csrc/%.c $(HEADERS) csrc/rows.inc.h csrc/cflags.txt
+$(BUILD)/obj-alexeyab/%.o: csrc/%.c $(HEADERS) csrc/cflags.txt
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_LIB) -DDNBN_FLAVOR_ALEXEYAB -c $< -o $@
 
@@ -102,7 +102,7 @@ ctest: $(BUILD)/test_darknet_bn $(BUILD)/c_example $(BUILD)/tiny_net
 # The C tests again under AddressSanitizer + UndefinedBehaviorSanitizer, and
 # under valgrind memcheck (installed with apt-get when missing).
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1
-$(BUILD)/test_darknet_bn_asan: $(LIB_SRCS) $(HEADERS) csrc/rows.inc.h $(wildcard tests/c/*.c tests/c/*.h)
+$(BUILD)/test_darknet_bn_asan: $(LIB_SRCS) $(HEADERS) $(wildcard tests/c/*.c tests/c/*.h)
 	@mkdir -p $(BUILD)
 	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) $(SANFLAGS) -Icsrc $(LIB_SRCS) $(wildcard tests/c/*.c) -o $@ $(LDLIBS)
 
@@ -110,7 +110,7 @@ $(BUILD)/test_darknet_bn_asan: $(LIB_SRCS) $(HEADERS) csrc/rows.inc.h $(wildcard
 # layers with zero, negative and inconsistent sizes, NULL buffers, any state; every function in random
 # order. make test runs it for FUZZ_SECONDS; `make fuzz FUZZ_SECONDS=600` for a long run.
 FUZZ_SECONDS ?= 10
-$(BUILD)/fuzz_api: $(LIB_SRCS) $(HEADERS) csrc/rows.inc.h tests/fuzz/fuzz_api.c
+$(BUILD)/fuzz_api: $(LIB_SRCS) $(HEADERS) tests/fuzz/fuzz_api.c
 	@mkdir -p $(BUILD)
 	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) $(SANFLAGS) -Icsrc $(LIB_SRCS) tests/fuzz/fuzz_api.c -o $@ $(LDLIBS)
 

@@ -142,30 +142,19 @@ int dnbn_batchnorm_layer_set_numerics(dnbn_layer *l, int numerics, float eps, fl
 int dnbn_batchnorm_layer_state(const dnbn_layer *l) { return l ? l->state : STATE_NONE; }
 
 /* ---- passes ----
- * Every call is: validate, describe the pass (a `pass`: the partition and
- * the tensors), then dnbn_parallel_for over the partition's units with one of
- * the phase functions below, each a loop over units that calls the unit
- * primitives (rows.inc.h), where the loops over values are:
- *   public call -> dnbn_parallel_for -> phase (units) -> unit primitive.
- * Per-channel numbers between phases live in the layer's scratch rows. */
-
-typedef struct pass {
-    dnbn_layer *l;
-    const dnbn_rows *r;
-    const dnbn_part *pt;
-    const float *in;        /* forward: the input (fill: x); backward: dy */
-    float *x, *xn, *y;      /* forward outputs, each NULL when not written */
-    double count;           /* values per channel in the whole (maybe sharded) batch */
-    double (*partial)[3];   /* [f * parts + part], when channels are split in parts */
-    double *sums[2];        /* backward_sums: the caller's per-channel outputs */
-    dnbn_trial trial;       /* the timed choices: trial.stream, non-temporal stores */
-} pass;
+ * Every call is: validate, describe the pass (dnbn_pass, internal.h: the
+ * partition, the tensors, what each unit does), then dnbn_parallel_for over
+ * the partition's units with one of the two phases (phases.inc.h), whose
+ * walks over a unit's rows call the loops over values:
+ *   public call -> dnbn_parallel_for -> phase -> loop over values.
+ * Per-channel numbers between the halves of a phase, and between phases,
+ * live in the layer's scratch rows (dnbn_pass_keep and the *_terms below). */
 
 /* A pass over l reading `in` (its units read `reads` tensors twice), for a
  * call of the given kind touching `tensors` activation tensors in all: the
  * store and group-size choices for it (timed per kind, tuning.c), then its
  * partition into *pt. */
-static pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float *in, int tensors, int kind)
+static dnbn_pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float *in, int tensors, int kind)
 {
     int spatial = l->out_h * l->out_w;
     dnbn_trial trial = {.slot = -1, .group_bytes = dnbn_group_bytes()};
@@ -177,7 +166,7 @@ static pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float *in, 
                          spatial % 16 == 0, dnbn_partition_grouped(l->out_c, spatial, threads));
     }
     *pt = dnbn_partition_sized(l->batch, l->out_c, spatial, reads, trial.group_bytes);
-    pass p = {l, dnbn_rows_active(), pt, in, NULL, NULL, NULL, (double)pt->m, NULL, {NULL, NULL}, trial};
+    dnbn_pass p = {.l = l, .r = dnbn_rows_active(), .pt = pt, .in = in, .count = (double)pt->m, .trial = trial};
     return p;
 }
 
@@ -261,156 +250,75 @@ static void record_training(dnbn_layer *l)
     l->x_norm_current = l->keep_x_norm != 0;
 }
 
-/* ---- phases: each a loop over units [lo, hi) ---- */
+/* ---- what the phases ask of the layer (internal.h) ---- */
 
-/* Forward with whole channels per unit: moments, statistics, then the
- * elementwise pass while the unit is in cache. */
-static void train_units(void *arg, idx_t lo, idx_t hi)
+/* Channel f's reduction over the whole batch, acc: into the caller's arrays,
+ * or finished into the layer's statistics (forward) or gradient coefficients
+ * (backward). */
+static void keep_channel(const dnbn_pass *p, idx_t f, const double acc[3])
 {
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double acc[DNBN_MAX_GROUP][3];
-        float mh[DNBN_MAX_GROUP], ml[DNBN_MAX_GROUP], inv[DNBN_MAX_GROUP];
-        p->r->unit_moments(p->in, p->pt, w, acc);
-        for (idx_t j = 0; j < w.nf; j++) {
-            finish_stats(l, w.f0 + j, acc[j][0], acc[j][1], acc[j][2]);
-            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
-            mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
-        }
-        p->r->unit_forward(p->in, p->x, p->xn, p->y, p->pt, w, mh, ml, inv, l->scales + w.f0, l->biases + w.f0,
-                           p->trial.stream);
-    }
+    if (p->sums[0])
+        p->sums[0][f] = acc[1], p->sums[1][f] = acc[2];
+    else if (p->backward)
+        finish_sums(p->l, f, p->count, acc[1], acc[2]);
+    else
+        finish_stats(p->l, f, acc[0], acc[1], acc[2]);
 }
 
-/* Moments of split channels: partial[f * parts + part]. */
-static void moments_units(void *arg, idx_t lo, idx_t hi)
+void dnbn_pass_keep(const dnbn_pass *p, idx_t u, dnbn_unit w, double (*acc)[3])
 {
-    pass *p = arg;
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double acc[DNBN_MAX_GROUP][3];
-        p->r->unit_moments(p->in, p->pt, w, acc);
-        for (idx_t j = 0; j < w.nf; j++) {
+    for (idx_t j = 0; j < w.nf; j++) {
+        if (p->partial) {
             double *to = p->partial[(w.f0 + j) * p->pt->parts + u % p->pt->parts];
             to[0] = acc[j][0], to[1] = acc[j][1], to[2] = acc[j][2];
+        } else {
+            keep_channel(p, w.f0 + j, acc[j]);
         }
     }
 }
 
-/* The elementwise forward pass with the statistics in the scratch rows (the
- * mean as a sum of two floats, and the normalizer). */
-static void forward_units(void *arg, idx_t lo, idx_t hi)
+void dnbn_pass_merge(const dnbn_pass *p)
 {
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(p->pt, u);
-        float mh[DNBN_MAX_GROUP], ml[DNBN_MAX_GROUP], inv[DNBN_MAX_GROUP];
-        for (idx_t j = 0; j < w.nf; j++) {
-            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
+    const dnbn_part *pt = p->pt;
+    for (idx_t f = 0; f < pt->filters; f++) {
+        double *acc = p->partial[f * pt->parts];
+        for (idx_t q = 1; q < pt->parts; q++) {
+            const double *b = p->partial[f * pt->parts + q];
+            if (p->backward)
+                acc[0] += b[0], acc[1] += b[1], acc[2] += b[2];
+            else
+                dnbn_moments_merge(acc, b);
+        }
+        keep_channel(p, f, acc);
+    }
+}
+
+void dnbn_pass_forward_terms(const dnbn_pass *p, dnbn_unit w, float *mh, float *ml, float *inv)
+{
+    const dnbn_layer *l = p->l;
+    for (idx_t j = 0; j < w.nf; j++) {
+        idx_t f = w.f0 + j;
+        if (p->infer) {
+            mh[j] = l->rolling_mean[f], ml[j] = 0.0f;
+            inv[j] = (float)infer_inv(l->numerics, l->eps, l->rolling_variance[f]);
+        } else {
+            const double *sc = l->scratch + f * SC_WIDTH;
             mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
         }
-        p->r->unit_forward(p->in, p->x, p->xn, p->y, p->pt, w, mh, ml, inv, l->scales + w.f0, l->biases + w.f0,
-                           p->trial.stream);
     }
 }
 
-/* Inference: running statistics. */
-static void infer_units(void *arg, idx_t lo, idx_t hi)
+void dnbn_pass_means(const dnbn_pass *p, dnbn_unit w, double *k)
 {
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    static const float zero[DNBN_MAX_GROUP];
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(p->pt, u);
-        float inv[DNBN_MAX_GROUP];
-        for (idx_t j = 0; j < w.nf; j++) inv[j] = (float)infer_inv(l->numerics, l->eps, l->rolling_variance[w.f0 + j]);
-        p->r->unit_forward(p->in, NULL, NULL, p->y, p->pt, w, l->rolling_mean + w.f0, zero, inv, l->scales + w.f0,
-                           l->biases + w.f0, p->trial.stream);
+    for (idx_t j = 0; j < w.nf; j++) k[j] = p->l->scratch[(w.f0 + j) * SC_WIDTH + SC_MEAN];
+}
+
+void dnbn_pass_backward_terms(const dnbn_pass *p, dnbn_unit w, double *a, double *b, double *c)
+{
+    for (idx_t j = 0; j < w.nf; j++) {
+        const double *sc = p->l->scratch + (w.f0 + j) * SC_WIDTH;
+        a[j] = sc[SC_A], b[j] = sc[SC_B], c[j] = sc[SC_C];
     }
-}
-
-/* The batch means of a unit's channels, the shift of the backward sums. */
-static void unit_means(const dnbn_layer *l, dnbn_unit w, double *k)
-{
-    for (idx_t j = 0; j < w.nf; j++) k[j] = l->scratch[(w.f0 + j) * SC_WIDTH + SC_MEAN];
-}
-
-/* Backward with whole channels per unit: the sums, the coefficients, then the
- * input delta while the unit is in cache. */
-static void backward_units(void *arg, idx_t lo, idx_t hi)
-{
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP], sd[DNBN_MAX_GROUP];
-        double a[DNBN_MAX_GROUP], b[DNBN_MAX_GROUP], c[DNBN_MAX_GROUP];
-        unit_means(l, w, k);
-        for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0;
-        p->r->unit_sums(p->in, l->x, p->pt, w, k, s, sd);
-        for (idx_t j = 0; j < w.nf; j++) {
-            finish_sums(l, w.f0 + j, p->count, s[j], sd[j]);
-            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
-            a[j] = sc[SC_A], b[j] = sc[SC_B], c[j] = sc[SC_C];
-        }
-        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->trial.stream);
-    }
-}
-
-/* The backward sums: partial[f * parts + part] for split channels, else
- * straight into the caller's arrays (p->sums). */
-static void sums_units(void *arg, idx_t lo, idx_t hi)
-{
-    pass *p = arg;
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double k[DNBN_MAX_GROUP], s[DNBN_MAX_GROUP], sd[DNBN_MAX_GROUP];
-        unit_means(p->l, w, k);
-        for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0;
-        p->r->unit_sums(p->in, p->l->x, p->pt, w, k, s, sd);
-        for (idx_t j = 0; j < w.nf; j++) {
-            if (p->partial) {
-                double *to = p->partial[(w.f0 + j) * p->pt->parts + u % p->pt->parts];
-                to[0] = s[j], to[1] = sd[j];
-            } else {
-                p->sums[0][w.f0 + j] = s[j], p->sums[1][w.f0 + j] = sd[j];
-            }
-        }
-    }
-}
-
-/* The input delta with the coefficients in the scratch rows. */
-static void delta_units(void *arg, idx_t lo, idx_t hi)
-{
-    pass *p = arg;
-    dnbn_layer *l = p->l;
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(p->pt, u);
-        double a[DNBN_MAX_GROUP], k[DNBN_MAX_GROUP], b[DNBN_MAX_GROUP], c[DNBN_MAX_GROUP];
-        for (idx_t j = 0; j < w.nf; j++) {
-            const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
-            a[j] = sc[SC_A], k[j] = sc[SC_MEAN], b[j] = sc[SC_B], c[j] = sc[SC_C];
-        }
-        p->r->unit_backward(l->delta, p->in, l->x, p->pt, w, a, k, b, c, p->trial.stream);
-    }
-}
-
-/* Split channels: merges the parts of each channel's partials, in part order,
- * into partial[f * parts] (moments by Chan's rule, sums by addition). */
-static void merge_parts(const dnbn_part *pt, double (*partial)[3], int moments)
-{
-    for (idx_t f = 0; f < pt->filters; f++)
-        for (idx_t q = 1; q < pt->parts; q++) {
-            double *acc = partial[f * pt->parts];
-            const double *b = partial[f * pt->parts + q];
-            if (moments)
-                dnbn_moments_merge(acc, b);
-            else
-                acc[0] += b[0], acc[1] += b[1];
-        }
 }
 
 /* ---- forward ---- */
@@ -421,28 +329,26 @@ int dnbn_forward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
     int spatial = l->out_h * l->out_w;
     if (net.train && (idx_t)l->batch * spatial < 2) return DNBN_ERR_ARG;
     dnbn_part pt;
-    pass p = make_pass(l, &pt, 1, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
-                       net.train ? DNBN_PASS_FORWARD_TRAIN : DNBN_PASS_FORWARD_INFER);
+    dnbn_pass p = make_pass(l, &pt, 1, net.input, net.train ? 3 + (l->keep_x_norm != 0) : 2,
+                            net.train ? DNBN_PASS_FORWARD_TRAIN : DNBN_PASS_FORWARD_INFER);
     p.y = l->output;
+    p.map = 1;
     if (!net.train) {
-        dnbn_parallel_for(dnbn_units(&pt), pt.threads, infer_units, &p);
+        p.infer = 1;
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->forward_phase, &p);
         l->state = STATE_INFERENCE;
     } else {
         p.x = l->x == net.input ? NULL : l->x;
         p.xn = l->keep_x_norm ? l->x_norm : NULL;
-        if (pt.parts == 1) {
-            dnbn_parallel_for(dnbn_units(&pt), pt.threads, train_units, &p);
-        } else {
+        p.reduce = 1;
+        if (pt.parts > 1) { /* split channels: every part's moments, merged, then the elementwise pass */
             double partial[DNBN_MAX_PARTIALS][3];
-            p.partial = partial;
-            dnbn_parallel_for(dnbn_units(&pt), pt.threads, moments_units, &p);
-            merge_parts(&pt, partial, 1);
-            for (idx_t f = 0; f < pt.filters; f++) {
-                const double *acc = partial[f * pt.parts];
-                finish_stats(l, f, acc[0], acc[1], acc[2]);
-            }
-            dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
+            p.partial = partial, p.map = 0;
+            dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->forward_phase, &p);
+            dnbn_pass_merge(&p);
+            p.partial = NULL, p.reduce = 0, p.map = 1;
         }
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->forward_phase, &p);
         record_training(l);
     }
     dnbn_trial_end(&p.trial);
@@ -456,9 +362,10 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
     if (!layer_ok(l) || !l->x || !l->x_norm) return DNBN_ERR_ARG;
     if (!l->trained) return DNBN_ERR_STATE;
     dnbn_part pt;
-    pass p = make_pass(l, &pt, 1, l->x, 2, DNBN_PASS_FILL);
+    dnbn_pass p = make_pass(l, &pt, 1, l->x, 2, DNBN_PASS_FILL);
     p.xn = l->x_norm; /* the forward's own arithmetic on x (= its input), x_norm only */
-    dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
+    p.map = 1;
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->forward_phase, &p);
     l->x_norm_current = 1;
     dnbn_trial_end(&p.trial);
     return DNBN_OK;
@@ -466,35 +373,58 @@ int dnbn_batchnorm_layer_fill_x_norm(dnbn_layer *l)
 
 /* ---- backward ---- */
 
-int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
+/* The backward pass of l on delta_in (fused: the sums and the input delta of
+ * each unit), its partition in *pt; DNBN_ERR_* when the call does not fit. */
+static int backward_pass(dnbn_layer *l, float *delta_in, dnbn_part *pt, dnbn_pass *p)
 {
     if (!layer_ok(l) || !backward_buffers_ok(l) || !delta_in) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
+    *p = make_pass(l, pt, 2, delta_in, 3, DNBN_PASS_BACKWARD);
+    p->backward = p->reduce = p->map = 1;
+    return DNBN_OK;
+}
+
+int dnbn_backward_batchnorm_layer_from(dnbn_layer *l, float *delta_in)
+{
     dnbn_part pt;
-    pass p = make_pass(l, &pt, 2, delta_in, 3, DNBN_PASS_BACKWARD);
-    if (pt.parts == 1) {
-        dnbn_parallel_for(dnbn_units(&pt), pt.threads, backward_units, &p);
-    } else {
+    dnbn_pass p;
+    int status = backward_pass(l, delta_in, &pt, &p);
+    if (status != DNBN_OK) return status;
+    if (pt.parts > 1) { /* split channels: every part's sums, merged, then the input delta */
         double partial[DNBN_MAX_PARTIALS][3];
-        p.partial = partial;
-        dnbn_parallel_for(dnbn_units(&pt), pt.threads, sums_units, &p);
-        merge_parts(&pt, partial, 0);
-        for (idx_t f = 0; f < pt.filters; f++)
-            finish_sums(l, f, p.count, partial[f * pt.parts][0], partial[f * pt.parts][1]);
-        dnbn_parallel_for(dnbn_units(&pt), pt.threads, delta_units, &p);
+        p.partial = partial, p.map = 0;
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->backward_phase, &p);
+        dnbn_pass_merge(&p);
+        p.partial = NULL, p.reduce = 0, p.map = 1;
     }
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->backward_phase, &p);
     dnbn_trial_end(&p.trial);
     return DNBN_OK;
 }
 
+/* The same on the layer's own delta (Darknet's signature), then a copy into
+ * net.delta when it is another buffer. Its own phases rather than a call of
+ * the function above, so that its loops are as near. */
 int dnbn_backward_batchnorm_layer(dnbn_layer *l, dnbn_network net)
 {
     if (!layer_ok(l) || !backward_buffers_ok(l)) return DNBN_ERR_ARG;
     if (!net.train) return DNBN_ERR_STATE;
-    int status = dnbn_backward_batchnorm_layer_from(l, l->delta);
-    if (status == DNBN_OK && net.delta && net.delta != l->delta)
+    dnbn_part pt;
+    dnbn_pass p;
+    int status = backward_pass(l, l->delta, &pt, &p);
+    if (status != DNBN_OK) return status;
+    if (pt.parts > 1) {
+        double partial[DNBN_MAX_PARTIALS][3];
+        p.partial = partial, p.map = 0;
+        dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->backward_phase, &p);
+        dnbn_pass_merge(&p);
+        p.partial = NULL, p.reduce = 0, p.map = 1;
+    }
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->backward_phase, &p);
+    dnbn_trial_end(&p.trial);
+    if (net.delta && net.delta != l->delta)
         memcpy(net.delta, l->delta, (size_t)l->batch * (size_t)l->outputs * sizeof(float));
-    return status;
+    return DNBN_OK;
 }
 
 /* ---- phases, for statistics combined across shards of a batch ---- */
@@ -504,12 +434,13 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
 {
     if (!layer_ok(l) || !train_buffers_ok(l) || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
     dnbn_part pt;
-    pass p = make_pass(l, &pt, 1, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
+    dnbn_pass p = make_pass(l, &pt, 1, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
     for (idx_t f = 0; f < l->out_c; f++) finish_stats(l, f, count, mean[f], m2[f]);
     p.x = l->x == input ? NULL : l->x;
     p.xn = l->keep_x_norm ? l->x_norm : NULL;
     p.y = l->output;
-    dnbn_parallel_for(dnbn_units(&pt), pt.threads, forward_units, &p);
+    p.map = 1;
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->forward_phase, &p);
     record_training(l);
     dnbn_trial_end(&p.trial);
     return DNBN_OK;
@@ -521,17 +452,13 @@ int dnbn_batchnorm_layer_backward_sums(dnbn_layer *l, float *delta_in, double *s
     if (!layer_ok(l) || !l->x || !delta_in || !sum_dy || !sum_dy_dev) return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt;
-    pass p = make_pass(l, &pt, 2, delta_in, 0, -1);
+    dnbn_pass p = make_pass(l, &pt, 2, delta_in, 0, -1);
     double partial[DNBN_MAX_PARTIALS][3];
-    p.sums[0] = sum_dy;
-    p.sums[1] = sum_dy_dev;
+    p.backward = p.reduce = 1;
+    p.sums[0] = sum_dy, p.sums[1] = sum_dy_dev;
     p.partial = pt.parts > 1 ? partial : NULL;
-    dnbn_parallel_for(dnbn_units(&pt), pt.threads, sums_units, &p);
-    if (p.partial) {
-        merge_parts(&pt, partial, 0);
-        for (idx_t f = 0; f < pt.filters; f++)
-            sum_dy[f] = partial[f * pt.parts][0], sum_dy_dev[f] = partial[f * pt.parts][1];
-    }
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->backward_phase, &p);
+    if (p.partial) dnbn_pass_merge(&p);
     return DNBN_OK;
 }
 
@@ -542,10 +469,11 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
         return DNBN_ERR_ARG;
     if (l->state != STATE_TRAINING) return DNBN_ERR_STATE;
     dnbn_part pt;
-    pass p = make_pass(l, &pt, 2, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
+    dnbn_pass p = make_pass(l, &pt, 2, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
     p.count = count;
     for (idx_t f = 0; f < l->out_c; f++) finish_sums(l, f, count, sum_dy[f], sum_dy_dev[f]);
-    dnbn_parallel_for(dnbn_units(&pt), pt.threads, delta_units, &p);
+    p.backward = p.map = 1;
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->backward_phase, &p);
     dnbn_trial_end(&p.trial);
     return DNBN_OK;
 }

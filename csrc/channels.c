@@ -78,33 +78,7 @@ dnbn_unit dnbn_unit_at(const dnbn_part *pt, idx_t unit)
     return w;
 }
 
-/* ---- public statistics phase ---- */
-
-typedef struct public_moments {
-    const dnbn_rows *r;
-    const dnbn_part *pt;
-    const float *x;
-    double *mean, *m2;
-    double (*partial)[3]; /* [f * parts + part], when channels are split in parts */
-} public_moments;
-
-static void public_moments_units(void *arg, idx_t lo, idx_t hi)
-{
-    public_moments *c = arg;
-    for (idx_t u = lo; u < hi; u++) {
-        dnbn_unit w = dnbn_unit_at(c->pt, u);
-        double acc[DNBN_MAX_GROUP][3];
-        c->r->unit_moments(c->x, c->pt, w, acc);
-        for (idx_t j = 0; j < w.nf; j++) {
-            if (c->partial) {
-                double *to = c->partial[(w.f0 + j) * c->pt->parts + u % c->pt->parts];
-                to[0] = acc[j][0], to[1] = acc[j][1], to[2] = acc[j][2];
-            } else {
-                c->mean[w.f0 + j] = acc[j][1], c->m2[w.f0 + j] = acc[j][2];
-            }
-        }
-    }
-}
+/* ---- public statistics: the layer's forward phase, reduction alone ---- */
 
 void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial, double *mean, double *m2)
 {
@@ -116,13 +90,10 @@ void dnbn_batchnorm_moments(const float *x, int batch, int filters, int spatial,
     if (!x) return;
     dnbn_part pt = dnbn_partition(batch, filters, spatial, 1);
     double partial[DNBN_MAX_PARTIALS][3]; /* per channel and part, when channels are split in parts */
-    public_moments c = {dnbn_rows_active(), &pt, x, mean, m2, pt.parts > 1 ? partial : NULL};
-    dnbn_parallel_for(dnbn_units(&pt), pt.threads, public_moments_units, &c);
-    for (idx_t f = 0; c.partial && f < filters; f++) {
-        for (idx_t p = 1; p < pt.parts; p++) dnbn_moments_merge(partial[f * pt.parts], partial[f * pt.parts + p]);
-        mean[f] = partial[f * pt.parts][1];
-        m2[f] = partial[f * pt.parts][2];
-    }
+    dnbn_pass p = {.r = dnbn_rows_active(), .pt = &pt, .in = x, .reduce = 1, .sums = {mean, m2},
+                   .partial = pt.parts > 1 ? partial : NULL, .trial = {.slot = -1}};
+    dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->forward_phase, &p);
+    if (p.partial) dnbn_pass_merge(&p);
 }
 
 void dnbn_batchnorm_moments_combine(int filters, double n_a, double *mean_a, double *m2_a, double n_b,

@@ -7,14 +7,16 @@
  *     work units (groups of channels, or parts of a channel when there are
  *     fewer channels than threads; tiles of channels when spatial == 1);
  *   - row primitives: the inner loops over one contiguous run of floats of one
- *     channel, their channel-vector twins for spatial == 1, and the unit
- *     primitives over a whole unit; compiled twice from rows.inc.h (portable
- *     and AVX2+FMA) and chosen once at run time;
+ *     channel, their channel-vector twins for spatial == 1, and the layer's
+ *     two phases that walk a work unit's rows through them; compiled twice
+ *     from rows.inc.h and phases.inc.h (portable and AVX2+FMA) and chosen
+ *     once at run time;
  *   - parallel_for: runs work units on the library's threads;
  *   - the merge of per-channel moments.
  * Every layer call and kernel is: validate, describe the pass, then
- * dnbn_parallel_for over the partition's units with one phase function
- * (batchnorm_layer.c, blas.c) whose loop calls the primitives.
+ * dnbn_parallel_for over the partition's units with one phase function whose
+ * loop calls the loops over values (phases.inc.h for the layer, blas.c for
+ * the kernels).
  */
 #ifndef DARKNET_BN_INTERNAL_H
 #define DARKNET_BN_INTERNAL_H
@@ -175,17 +177,10 @@ typedef struct dnbn_rows {
     void (*v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a, const double *k,
                              const double *b, const double *c);
 
-    /* Unit primitives: a whole work unit w of a (batch, filters, spatial)
-     * tensor, per-channel arrays indexed from w.f0 (rows.inc.h). */
-    void (*unit_moments)(const float *x, const struct dnbn_part *pt, struct dnbn_unit w, double (*acc)[3]);
-    void (*unit_forward)(const float *in, float *x, float *xn, float *y, const struct dnbn_part *pt,
-                         struct dnbn_unit w, const float *mh, const float *ml, const float *inv, const float *g,
-                         const float *b, int stream);
-    void (*unit_sums)(const float *dy, const float *x, const struct dnbn_part *pt, struct dnbn_unit w,
-                      const double *k, double *s, double *sd);
-    void (*unit_backward)(float *out, const float *dy, const float *x, const struct dnbn_part *pt,
-                          struct dnbn_unit w, const double *a, const double *k, const double *b, const double *c,
-                          int stream);
+    /* The layer's phases (phases.inc.h), run by dnbn_parallel_for over the
+     * units [lo, hi) of a pass (a dnbn_pass *). */
+    void (*forward_phase)(void *pass, idx_t lo, idx_t hi);
+    void (*backward_phase)(void *pass, idx_t lo, idx_t hi);
 } dnbn_rows;
 
 extern const dnbn_rows dnbn_rows_generic;
@@ -196,6 +191,44 @@ const dnbn_rows *dnbn_rows_active(void);
 
 /* Number of units of a partition. */
 idx_t dnbn_units(const dnbn_part *pt);
+
+/* ---- the layer's passes ----------------------------------------------
+ * One layer call's description, built by batchnorm_layer.c (channels.c for
+ * the public statistics) and read by the phases. A phase does, per unit, the
+ * reduction when `reduce` (forward: the moments of `in`; backward: the sums
+ * of dy = `in` against the layer's x) and the elementwise pass when `map`;
+ * with both, the reduction is finished into the channel's numbers in between
+ * (fused: one unit, both halves, while it is in cache). */
+typedef struct dnbn_pass {
+    dnbn_layer *l;          /* NULL only for the public statistics (reduce alone) */
+    const dnbn_rows *r;
+    const dnbn_part *pt;
+    const float *in;        /* forward: the input (fill: x); backward: dy */
+    float *x, *xn, *y;      /* forward outputs, each NULL when not written */
+    int backward;           /* which phase: dnbn_pass_keep finishes moments or backward sums */
+    int reduce, map;
+    int infer;              /* forward map with the running statistics */
+    double count;           /* values per channel in the whole (maybe sharded) batch */
+    double (*partial)[3];   /* reduce alone: per channel and part [f * parts + part], channels split in parts */
+    double *sums[2];        /* reduce alone, whole channels: the caller's per-channel arrays */
+    dnbn_trial trial;       /* the timed choices: trial.stream, non-temporal stores */
+} dnbn_pass;
+
+/* What the phases ask of the layer (batchnorm_layer.c), once per unit w:
+ * keep the unit's reduction acc[j] for channel w.f0 + j ({count, mean, m2};
+ * backward {count, sum dy, sum dy*(x - mean)}) in p->partial, p->sums or,
+ * when the pass maps too, the layer's statistics or gradient coefficients;
+ * the numbers of the elementwise forward (the mean as a sum of two floats,
+ * and the normalizer); the batch means, the shift of the backward; the
+ * coefficients of the input delta. */
+void dnbn_pass_keep(const dnbn_pass *p, idx_t u, dnbn_unit w, double (*acc)[3]);
+/* After a reduction into p->partial: merges each channel's parts in part
+ * order (moments by Chan's rule, sums by addition) and keeps the result like
+ * dnbn_pass_keep does a whole channel's. */
+void dnbn_pass_merge(const dnbn_pass *p);
+void dnbn_pass_forward_terms(const dnbn_pass *p, dnbn_unit w, float *mh, float *ml, float *inv);
+void dnbn_pass_means(const dnbn_pass *p, dnbn_unit w, double *k);
+void dnbn_pass_backward_terms(const dnbn_pass *p, dnbn_unit w, double *a, double *b, double *c);
 
 /* ---- threads -------------------------------------------------------------
  * Runs fn(ctx, lo, hi) over [0, n) in chunks, on the calling thread and on up

@@ -8,6 +8,7 @@
 #define ROWS_AVX2 1
 #define ROWS(name) name##_avx2
 #include "rows.inc.h"
+#include "phases.inc.h"
 
 const dnbn_rows dnbn_rows_avx2 = ROWS_TABLE("avx2");
 #else

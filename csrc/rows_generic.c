@@ -3,5 +3,6 @@
 
 #define ROWS(name) name##_generic
 #include "rows.inc.h"
+#include "phases.inc.h"
 
 const dnbn_rows dnbn_rows_generic = ROWS_TABLE("generic");

@@ -1546,6 +1546,17 @@ static int same_floats(const float *a, const float *b, size_t n)
     return 1;
 }
 
+/* Whether this CPU runs the AVX2 build (else a note that `test` is skipped). */
+static int have_avx2(const char *test)
+{
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    printf("note: no AVX2+FMA on this CPU, %s skipped\n", test);
+    return 0;
+}
+
 /* Every row primitive of the portable build and of the AVX2 build (where this CPU has it) gives the same
  * bits on the same inputs: lengths 0..67 (vector bodies and scalar tails), unaligned starts, special values. */
 static void test_row_primitives_bit_identical(void)
@@ -1553,15 +1564,7 @@ static void test_row_primitives_bit_identical(void)
     g_test = __func__;
     const char *tn = "generic vs avx2 row primitives";
     const dnbn_rows *g = &dnbn_rows_generic, *v = &dnbn_rows_avx2;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
-        printf("note: no AVX2+FMA on this CPU, %s skipped\n", __func__);
-        return;
-    }
-#else
-    return;
-#endif
+    if (!have_avx2(__func__)) return;
     enum { N = 67, OFF = 3 };
     rng_t r;
     rng_init(&r, 20261204);
@@ -1628,56 +1631,107 @@ static void test_row_primitives_bit_identical(void)
     }
     check_int(tn, "calls whose outputs differ in any bit", differ, 0);
     check_true(tn, "cases compared", compared == 40 * (N + 1));
+}
 
-    /* unit primitives: whole units of (batch, filters, spatial) tensors, both layouts, whole and split channels */
-    static const idx_t shapes[][3] = {{5, 19, 1}, {70, 9, 1}, {3, 4, 37}, {2, 3, 16}, {4, 2, 5}};
-    int units = 0;
-    differ = 0;
-    for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
-        idx_t B = shapes[sh][0], F = shapes[sh][1], S = shapes[sh][2], total = B * F * S;
-        dnbn_part pt = {.batch = B, .filters = F, .spatial = S, .m = B * S, .parts = 1, .group = (int)F, .threads = 1};
-        float *buf = malloc((size_t)total * 10 * sizeof(float));
-        float *a = buf, *b = buf + total, *og = buf + 2 * total, *ov = buf + 6 * total;
-        for (idx_t i = 0; i < total; i++)
-            a[i] = i % 3 ? (float)rng_gauss(&r) * 4 + 2 : prim_value(&r), b[i] = (float)rng_gauss(&r);
-        float fp[5][32];
-        double dp[4][32];
-        for (int k = 0; k < 5; k++)
-            for (int j = 0; j < 32; j++) fp[k][j] = k == 2 ? (float)(0.5 + rng_unif(&r)) : (float)rng_gauss(&r);
-        for (int k = 0; k < 4; k++)
-            for (int j = 0; j < 32; j++) dp[k][j] = rng_gauss(&r);
-        /* units: all channels over all values; one channel over part of the values; a middle channel range */
-        dnbn_unit ws[3] = {{0, F, 0, B * S}, {F - 1, 1, B * S / 3, B * S - 1}, {F / 3, F - F / 3 - 1 > 0 ? F - F / 3 - 1 : 1, 1, B * S}};
-        for (int u = 0; u < 3; u++, units++) {
-            dnbn_unit w = ws[u];
-            double ag[32][3], av[32][3], sg[2][32] = {{0}}, sv[2][32] = {{0}};
-            g->unit_moments(a, &pt, w, ag), v->unit_moments(a, &pt, w, av);
-            for (idx_t j = 0; j < w.nf; j++) differ += !same_doubles(ag[j], av[j], 3);
-            g->unit_sums(a, b, &pt, w, dp[0], sg[0], sg[1]), v->unit_sums(a, b, &pt, w, dp[0], sv[0], sv[1]);
-            differ += !same_doubles(sg[0], sv[0], 32) + !same_doubles(sg[1], sv[1], 32);
-            for (int stream = 0; stream < 2; stream++) {
-                for (idx_t i = 0; i < 4 * total; i++) og[i] = ov[i] = GARBAGE;
-                g->unit_forward(a, og, og + total, og + 2 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
-                v->unit_forward(a, ov, ov + total, ov + 2 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
-                g->unit_forward(a, NULL, NULL, og + 3 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
-                v->unit_forward(a, NULL, NULL, ov + 3 * total, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
-                differ += !same_floats(og, ov, (size_t)(4 * total));
-                /* x_norm alone (dnbn_batchnorm_layer_fill_x_norm): the same bits as with every output */
-                float *xn_only = malloc((size_t)total * sizeof(float));
-                for (idx_t i = 0; i < total; i++) xn_only[i] = og[total + i];
-                g->unit_forward(a, NULL, og + total, NULL, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
-                v->unit_forward(a, NULL, ov + total, NULL, &pt, w, fp[0], fp[1], fp[2], fp[3], fp[4], stream);
-                differ += !same_floats(og + total, xn_only, (size_t)total) + !same_floats(ov + total, xn_only, (size_t)total);
-                free(xn_only);
-                g->unit_backward(og, a, b, &pt, w, dp[0], dp[1], dp[2], dp[3], stream);
-                v->unit_backward(ov, a, b, &pt, w, dp[0], dp[1], dp[2], dp[3], stream);
-                differ += !same_floats(og, ov, (size_t)total);
-            }
+/* What test_phases_bit_identical records of one build's passes over a layer. */
+typedef struct phase_record {
+    float *out;     /* training: output, x, x_norm; backward: delta; inference: output */
+    double *chan;   /* mean, variance, rolling mean and variance, updates, scratch, sums, moments */
+} phase_record;
+
+/* Runs the layer's passes through build r's phases on one thread, unit by unit of the hand-made
+ * partition pt, as the public calls sequence them: a training forward (fused, or with split channels
+ * the parts' moments, merged, then the elementwise pass), the backward likewise, the backward sums and
+ * the public moments (reduction alone, into arrays), an inference forward; records every output. */
+static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, const float *x, const float *dy,
+                       int stream, phase_record rec)
+{
+    idx_t total = (idx_t)l->batch * l->outputs, F = l->out_c, units = dnbn_units(pt);
+    double partial[DNBN_MAX_PARTIALS][3], sums[4][64];
+    dnbn_trial trial = {.slot = -1, .stream = stream};
+    for (int backward = 0; backward < 2; backward++) {
+        dnbn_pass p = {.l = l, .r = r, .pt = pt, .in = backward ? dy : x, .x = l->x, .xn = l->x_norm, .y = l->output,
+                       .backward = backward, .reduce = 1, .map = 1, .count = (double)pt->m, .trial = trial};
+        void (*phase)(void *, idx_t, idx_t) = backward ? r->backward_phase : r->forward_phase;
+        if (pt->parts > 1) {
+            p.partial = partial, p.map = 0;
+            phase(&p, 0, units);
+            dnbn_pass_merge(&p);
+            p.partial = NULL, p.reduce = 0, p.map = 1;
         }
-        free(buf);
+        phase(&p, 0, units);
+        /* the reduction alone, into the caller's arrays (backward sums; public moments) */
+        dnbn_pass q = {.l = backward ? l : NULL, .r = r, .pt = pt, .in = p.in, .backward = backward, .reduce = 1,
+                       .sums = {sums[2 * backward], sums[2 * backward + 1]},
+                       .partial = pt->parts > 1 ? partial : NULL, .trial = trial};
+        phase(&q, 0, units);
+        if (q.partial) dnbn_pass_merge(&q);
     }
-    check_int(tn, "unit primitives: units whose outputs differ in any bit", differ, 0);
-    check_int(tn, "units compared", units, 15);
+    memcpy(rec.out, l->output, (size_t)total * sizeof(float));
+    memcpy(rec.out + total, l->x, (size_t)total * sizeof(float));
+    memcpy(rec.out + 2 * total, l->x_norm, (size_t)total * sizeof(float));
+    memcpy(rec.out + 3 * total, l->delta, (size_t)total * sizeof(float));
+    dnbn_pass p = {.l = l, .r = r, .pt = pt, .in = x, .y = l->output, .map = 1, .infer = 1, .trial = trial};
+    r->forward_phase(&p, 0, units);
+    memcpy(rec.out + 4 * total, l->output, (size_t)total * sizeof(float));
+    const float *chan[] = {l->mean, l->variance, l->rolling_mean, l->rolling_variance, l->scale_updates, l->bias_updates};
+    for (int k = 0; k < 6; k++)
+        for (idx_t f = 0; f < F; f++) rec.chan[k * F + f] = chan[k][f];
+    memcpy(rec.chan + 6 * F, l->scratch, (size_t)F * DNBN_SCRATCH_DOUBLES * sizeof(double));
+    for (int k = 0; k < 4; k++) memcpy(rec.chan + (6 + DNBN_SCRATCH_DOUBLES + k) * F, sums[k], (size_t)F * sizeof(double));
+}
+
+/* The layer's phases of the portable and the AVX2 build give the same bits on the same passes: whole
+ * channels one by one and in groups, channels split in parts whose units start and end inside images,
+ * spatial == 1 tiles and image ranges; ordinary and special values, streaming stores on and off. */
+static void test_phases_bit_identical(void)
+{
+    g_test = __func__;
+    const char *tn = "generic vs avx2 phases";
+    const dnbn_rows *g = &dnbn_rows_generic, *v = &dnbn_rows_avx2;
+    if (!have_avx2(__func__)) return;
+    /* batch, filters, spatial; the partition's group and parts */
+    static const int cases[][5] = {{3, 4, 37, 1, 1},  {3, 4, 37, 3, 1},  {3, 4, 37, 1, 5},   {2, 3, 16, 2, 1},
+                                   {4, 2, 5, 1, 3},   {2, 3, 64, 1, 7},  {5, 19, 1, 19, 1},  {5, 19, 1, 8, 1},
+                                   {70, 9, 1, 9, 4},  {70, 9, 1, 4, 3},  {9, 40, 1, 40, 2}, {4, 16, 2048 + 37, 2, 1}};
+    rng_t r;
+    rng_init(&r, 20261205);
+    int compared = 0, differ = 0;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        int B = cases[c][0], F = cases[c][1], S = cases[c][2];
+        dnbn_part pt = {.batch = B, .filters = F, .spatial = S, .m = (idx_t)B * S, .parts = cases[c][4],
+                        .group = cases[c][3], .threads = 1};
+        idx_t total = (idx_t)B * F * S, nchan = (idx_t)F * (10 + DNBN_SCRATCH_DOUBLES);
+        float *x = malloc((size_t)total * sizeof(float)), *dy = malloc((size_t)total * sizeof(float));
+        for (idx_t i = 0; i < total; i++) {
+            x[i] = c % 3 == 2 ? prim_value(&r) : (float)rng_gauss(&r) * 4 + 2;
+            dy[i] = (float)rng_gauss(&r);
+        }
+        float par[4][64];
+        for (int k = 0; k < 4; k++)
+            for (int f = 0; f < F; f++) par[k][f] = k == 3 ? (float)(0.5 + rng_unif(&r)) : (float)rng_gauss(&r);
+        for (int stream = 0; stream < 2; stream++) {
+            phase_record rec[2];
+            for (int b = 0; b < 2; b++) {
+                dnbn_layer *l = dnbn_make_batchnorm_layer(B, S, 1, F);
+                if (c % 2) dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-3f, 0.1f);
+                for (int f = 0; f < F; f++)
+                    l->scales[f] = par[0][f], l->biases[f] = par[1][f], l->rolling_mean[f] = par[2][f],
+                    l->rolling_variance[f] = par[3][f];
+                rec[b].out = malloc((size_t)total * 5 * sizeof(float));
+                rec[b].chan = malloc((size_t)nchan * sizeof(double));
+                run_phases(b ? v : g, l, &pt, x, dy, stream, rec[b]);
+                dnbn_free_batchnorm_layer(l);
+            }
+            differ += !same_floats(rec[0].out, rec[1].out, (size_t)total * 5) +
+                      !same_doubles(rec[0].chan, rec[1].chan, (size_t)nchan);
+            compared++;
+            for (int b = 0; b < 2; b++) free(rec[b].out), free(rec[b].chan);
+        }
+        free(x), free(dy);
+    }
+    check_int(tn, "passes whose outputs differ in any bit", differ, 0);
+    check_int(tn, "passes compared", compared, 24);
 }
 
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
@@ -2365,6 +2419,7 @@ int main(void)
     test_partition_leaves_work_for_late_workers();
     test_pool_persists_and_shrinks();
     test_row_primitives_bit_identical();
+    test_phases_bit_identical();
     test_set_numerics();
     test_input_is_output();
     test_backward_from();
