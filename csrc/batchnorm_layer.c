@@ -156,16 +156,15 @@ int dnbn_batchnorm_layer_state(const dnbn_layer *l) { return l ? l->state : STAT
  * partition into *pt. */
 static dnbn_pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float *in, int tensors, int kind)
 {
-    int spatial = l->out_h * l->out_w;
+    int spatial = l->out_h * l->out_w, threads = dnbn_threads_for((idx_t)l->batch * l->outputs);
     dnbn_trial trial = {.slot = -1, .group_bytes = dnbn_group_bytes()};
     if (kind >= 0) {
-        int threads = dnbn_threads_for((idx_t)l->batch * l->outputs);
         /* streaming needs whole 64-byte lines per row: a line written partly by
          * streaming and partly by ordinary stores is slow on both */
         dnbn_trial_begin(&trial, kind, (idx_t)l->batch * l->outputs * (idx_t)sizeof(float) * tensors, threads,
                          spatial % 16 == 0, dnbn_partition_grouped(l->out_c, spatial, threads));
     }
-    *pt = dnbn_partition_sized(l->batch, l->out_c, spatial, reads, trial.group_bytes);
+    *pt = dnbn_partition_sized(l->batch, l->out_c, spatial, reads, threads, trial.group_bytes);
     dnbn_pass p = {.l = l, .r = dnbn_rows_active(), .pt = pt, .in = in, .count = (double)pt->m, .trial = trial};
     return p;
 }

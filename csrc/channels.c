@@ -11,10 +11,11 @@ int dnbn_partition_grouped(int filters, int spatial, int threads) { return spati
 
 dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads)
 {
-    return dnbn_partition_sized(batch, filters, spatial, reads, dnbn_group_bytes());
+    idx_t work = batch > 0 && filters > 0 && spatial > 0 ? (idx_t)batch * spatial * filters : 0;
+    return dnbn_partition_sized(batch, filters, spatial, reads, dnbn_threads_for(work), dnbn_group_bytes());
 }
 
-dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, idx_t group_bytes)
+dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, int threads, idx_t group_bytes)
 {
     dnbn_part pt = {0};
     if (batch <= 0 || filters <= 0 || spatial <= 0) return pt;
@@ -22,7 +23,7 @@ dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, i
     pt.filters = filters;
     pt.spatial = spatial;
     pt.m = (idx_t)batch * spatial;
-    pt.threads = dnbn_threads_for(pt.m * filters);
+    pt.threads = threads;
     pt.parts = 1;
     pt.group = 1;
     if (spatial == 1) {

@@ -135,8 +135,9 @@ typedef struct dnbn_unit {
 dnbn_part dnbn_partition(int batch, int filters, int spatial, int reads);
 /* Whether the units of such a partition at `threads` threads are channel groups (what the group size sizes). */
 int dnbn_partition_grouped(int filters, int spatial, int threads);
-/* The same with channel groups of `group_bytes` input bytes instead of dnbn_group_bytes(). */
-dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, idx_t group_bytes);
+/* The same for `threads` threads (dnbn_threads_for of the tensor's size, which the caller has already
+ * asked for) and channel groups of `group_bytes` input bytes instead of dnbn_group_bytes(). */
+dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, int threads, idx_t group_bytes);
 dnbn_unit dnbn_unit_at(const dnbn_part *pt, idx_t unit);
 
 /* ---- row primitives ----------------------------------------------------
