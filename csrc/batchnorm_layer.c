@@ -173,7 +173,7 @@ static dnbn_pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float 
 
 /* Channel f's statistics from its moments: mean, variance, running stats, and
  * the normalizer kept for the elementwise pass and for backward. */
-static void finish_stats(dnbn_layer *l, idx_t f, double m, double mean, double m2)
+static inline void finish_stats(dnbn_layer *l, idx_t f, double m, double mean, double m2)
 {
     double unbiased = m2 / (m - 1), var, inv;
     if (l->numerics == DNBN_NUMERICS_DARKNET) {
@@ -214,7 +214,7 @@ int dnbn_batchnorm_normalizer(int numerics, double eps, const double *variance, 
 
 /* Channel f's parameter gradients and the coefficients of
  * dx = dy*A + (x - mean)*B + C, from sum dy and sum dy*(x - mean) over count values. */
-static void finish_sums(dnbn_layer *l, idx_t f, double count, double sum_dy, double sum_dy_dev)
+static inline void finish_sums(dnbn_layer *l, idx_t f, double count, double sum_dy, double sum_dy_dev)
 {
     double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH, inv = sc[SC_INV];
     l->bias_updates[f] = (float)((double)l->bias_updates[f] + sum_dy);
@@ -251,28 +251,29 @@ static void record_training(dnbn_layer *l)
 
 /* ---- what the phases ask of the layer (internal.h) ---- */
 
-/* Channel f's reduction over the whole batch, acc: into the caller's arrays,
- * or finished into the layer's statistics (forward) or gradient coefficients
- * (backward). */
-static void keep_channel(const dnbn_pass *p, idx_t f, const double acc[3])
+/* Channels [f0, f0 + n)'s reductions over the whole batch, acc[j] for
+ * channel f0 + j (a row of p->partial per channel when merged): into the
+ * caller's arrays, or finished into the layer's statistics (forward) or
+ * gradient coefficients (backward). */
+static void keep_channels(const dnbn_pass *p, idx_t f0, idx_t n, double (*acc)[3], idx_t stride)
 {
     if (p->sums[0])
-        p->sums[0][f] = acc[1], p->sums[1][f] = acc[2];
+        for (idx_t j = 0; j < n; j++) p->sums[0][f0 + j] = acc[j * stride][1], p->sums[1][f0 + j] = acc[j * stride][2];
     else if (p->backward)
-        finish_sums(p->l, f, p->count, acc[1], acc[2]);
+        for (idx_t j = 0; j < n; j++) finish_sums(p->l, f0 + j, p->count, acc[j * stride][1], acc[j * stride][2]);
     else
-        finish_stats(p->l, f, acc[0], acc[1], acc[2]);
+        for (idx_t j = 0; j < n; j++) finish_stats(p->l, f0 + j, acc[j * stride][0], acc[j * stride][1], acc[j * stride][2]);
 }
 
 void dnbn_pass_keep(const dnbn_pass *p, idx_t u, dnbn_unit w, double (*acc)[3])
 {
+    if (!p->partial) {
+        keep_channels(p, w.f0, w.nf, acc, 1);
+        return;
+    }
     for (idx_t j = 0; j < w.nf; j++) {
-        if (p->partial) {
-            double *to = p->partial[(w.f0 + j) * p->pt->parts + u % p->pt->parts];
-            to[0] = acc[j][0], to[1] = acc[j][1], to[2] = acc[j][2];
-        } else {
-            keep_channel(p, w.f0 + j, acc[j]);
-        }
+        double *to = p->partial[(w.f0 + j) * p->pt->parts + u % p->pt->parts];
+        to[0] = acc[j][0], to[1] = acc[j][1], to[2] = acc[j][2];
     }
 }
 
@@ -288,22 +289,23 @@ void dnbn_pass_merge(const dnbn_pass *p)
             else
                 dnbn_moments_merge(acc, b);
         }
-        keep_channel(p, f, acc);
     }
+    keep_channels(p, 0, pt->filters, p->partial, pt->parts);
 }
 
 void dnbn_pass_forward_terms(const dnbn_pass *p, dnbn_unit w, float *mh, float *ml, float *inv)
 {
     const dnbn_layer *l = p->l;
-    for (idx_t j = 0; j < w.nf; j++) {
-        idx_t f = w.f0 + j;
-        if (p->infer) {
-            mh[j] = l->rolling_mean[f], ml[j] = 0.0f;
-            inv[j] = (float)infer_inv(l->numerics, l->eps, l->rolling_variance[f]);
-        } else {
-            const double *sc = l->scratch + f * SC_WIDTH;
-            mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
+    if (p->infer) {
+        for (idx_t j = 0; j < w.nf; j++) {
+            mh[j] = l->rolling_mean[w.f0 + j], ml[j] = 0.0f;
+            inv[j] = (float)infer_inv(l->numerics, l->eps, l->rolling_variance[w.f0 + j]);
         }
+        return;
+    }
+    for (idx_t j = 0; j < w.nf; j++) {
+        const double *sc = l->scratch + (w.f0 + j) * SC_WIDTH;
+        mh[j] = (float)sc[SC_MEAN], ml[j] = (float)(sc[SC_MEAN] - mh[j]), inv[j] = (float)sc[SC_INV];
     }
 }
 
