@@ -1634,21 +1634,29 @@ static void test_row_primitives_bit_identical(void)
 }
 
 /* What test_phases_bit_identical records of one build's passes over a layer. */
+enum { PR_OUT, PR_X, PR_XN, PR_DELTA, PR_INFER, PR_XN_ONLY, PR_LIGHT, PR_IN_PLACE, PR_N }; /* tensors */
+enum { PC_FLOATS = 8 };                                                                    /* per-channel floats */
+#define PC_N (PC_FLOATS + DNBN_SCRATCH_DOUBLES + 4)                                        /* per-channel numbers */
 typedef struct phase_record {
-    float *out;     /* training: output, x, x_norm; backward: delta; inference: output */
-    double *chan;   /* mean, variance, rolling mean and variance, updates, scratch, sums, moments */
+    float *t[PR_N]; /* tensors; PR_XN_ONLY: x_norm alone (fill_x_norm), PR_LIGHT: y alone, PR_IN_PLACE: delta with dy == delta */
+    double *chan;   /* [k * F + f]: mean, variance, rolling mean and variance, updates, mean and variance delta; scratch;
+                       backward sums, public moments */
 } phase_record;
 
 /* Runs the layer's passes through build r's phases on one thread, unit by unit of the hand-made
  * partition pt, as the public calls sequence them: a training forward (fused, or with split channels
- * the parts' moments, merged, then the elementwise pass), the backward likewise, the backward sums and
- * the public moments (reduction alone, into arrays), an inference forward; records every output. */
+ * the parts' moments, merged, then the elementwise pass), the forward's elementwise pass again writing
+ * x_norm alone and y alone, the backward likewise and again in place, the backward sums and the public
+ * moments (reduction alone, into arrays), an inference forward. Every output starts as GARBAGE. */
 static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, const float *x, const float *dy,
                        int stream, phase_record rec)
 {
     idx_t total = (idx_t)l->batch * l->outputs, F = l->out_c, units = dnbn_units(pt);
     double partial[DNBN_MAX_PARTIALS][3], sums[4][64];
     dnbn_trial trial = {.slot = -1, .stream = stream};
+    float *bufs[] = {l->output, l->x, l->x_norm, l->delta, l->mean, l->variance, l->mean_delta, l->variance_delta};
+    for (int k = 0; k < 8; k++) fill_const(bufs[k], k < 4 ? (size_t)total : (size_t)F, GARBAGE);
+    for (int k = PR_XN_ONLY; k < PR_N; k++) fill_const(rec.t[k], (size_t)total, GARBAGE);
     for (int backward = 0; backward < 2; backward++) {
         dnbn_pass p = {.l = l, .r = r, .pt = pt, .in = backward ? dy : x, .x = l->x, .xn = l->x_norm, .y = l->output,
                        .backward = backward, .reduce = 1, .map = 1, .count = (double)pt->m, .trial = trial};
@@ -1660,6 +1668,12 @@ static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, c
             p.partial = NULL, p.reduce = 0, p.map = 1;
         }
         phase(&p, 0, units);
+        if (!backward) { /* the elementwise pass alone: x_norm only, then y only (the lighter loop) */
+            dnbn_pass q = {.l = l, .r = r, .pt = pt, .in = x, .xn = rec.t[PR_XN_ONLY], .map = 1, .trial = trial};
+            phase(&q, 0, units);
+            q.xn = NULL, q.y = rec.t[PR_LIGHT];
+            phase(&q, 0, units);
+        }
         /* the reduction alone, into the caller's arrays (backward sums; public moments) */
         dnbn_pass q = {.l = backward ? l : NULL, .r = r, .pt = pt, .in = p.in, .backward = backward, .reduce = 1,
                        .sums = {sums[2 * backward], sums[2 * backward + 1]},
@@ -1667,23 +1681,32 @@ static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, c
         phase(&q, 0, units);
         if (q.partial) dnbn_pass_merge(&q);
     }
-    memcpy(rec.out, l->output, (size_t)total * sizeof(float));
-    memcpy(rec.out + total, l->x, (size_t)total * sizeof(float));
-    memcpy(rec.out + 2 * total, l->x_norm, (size_t)total * sizeof(float));
-    memcpy(rec.out + 3 * total, l->delta, (size_t)total * sizeof(float));
+    const float *chan[PC_FLOATS] = {l->mean,          l->variance,     l->rolling_mean, l->rolling_variance,
+                                    l->scale_updates, l->bias_updates, l->mean_delta,   l->variance_delta};
+    for (int k = 0; k < PC_FLOATS; k++)
+        for (idx_t f = 0; f < F; f++) rec.chan[k * F + f] = chan[k][f];
+    memcpy(rec.chan + PC_FLOATS * F, l->scratch, (size_t)F * DNBN_SCRATCH_DOUBLES * sizeof(double));
+    for (int k = 0; k < 4; k++)
+        memcpy(rec.chan + (PC_FLOATS + DNBN_SCRATCH_DOUBLES + k) * F, sums[k], (size_t)F * sizeof(double));
+    for (int k = 0; k < PR_XN_ONLY; k++) memcpy(rec.t[k], bufs[k == PR_INFER ? 0 : k], (size_t)total * sizeof(float));
+    /* the backward's input delta once more with dy in the delta buffer (in place) */
+    memcpy(l->delta, dy, (size_t)total * sizeof(float));
+    dnbn_pass b = {.l = l, .r = r, .pt = pt, .in = l->delta, .backward = 1, .reduce = pt->parts == 1, .map = 1,
+                   .count = (double)pt->m, .trial = trial};
+    r->backward_phase(&b, 0, units);
+    memcpy(rec.t[PR_IN_PLACE], l->delta, (size_t)total * sizeof(float));
     dnbn_pass p = {.l = l, .r = r, .pt = pt, .in = x, .y = l->output, .map = 1, .infer = 1, .trial = trial};
     r->forward_phase(&p, 0, units);
-    memcpy(rec.out + 4 * total, l->output, (size_t)total * sizeof(float));
-    const float *chan[] = {l->mean, l->variance, l->rolling_mean, l->rolling_variance, l->scale_updates, l->bias_updates};
-    for (int k = 0; k < 6; k++)
-        for (idx_t f = 0; f < F; f++) rec.chan[k * F + f] = chan[k][f];
-    memcpy(rec.chan + 6 * F, l->scratch, (size_t)F * DNBN_SCRATCH_DOUBLES * sizeof(double));
-    for (int k = 0; k < 4; k++) memcpy(rec.chan + (6 + DNBN_SCRATCH_DOUBLES + k) * F, sums[k], (size_t)F * sizeof(double));
+    memcpy(rec.t[PR_INFER], l->output, (size_t)total * sizeof(float));
 }
 
 /* The layer's phases of the portable and the AVX2 build give the same bits on the same passes: whole
  * channels one by one and in groups, channels split in parts whose units start and end inside images,
- * spatial == 1 tiles and image ranges; ordinary and special values, streaming stores on and off. */
+ * spatial == 1 tiles and image ranges, more than one block of moments; ordinary and special values,
+ * streaming stores on and off. The passes that write one output alone, and the backward in place,
+ * give the bits of the full pass; and the portable build's results on ordinary values are the
+ * float64 oracle's (docs/reference.md §3/§4, §6 tolerance), so that what both builds share is
+ * checked too. */
 static void test_phases_bit_identical(void)
 {
     g_test = __func__;
@@ -1691,20 +1714,27 @@ static void test_phases_bit_identical(void)
     const dnbn_rows *g = &dnbn_rows_generic, *v = &dnbn_rows_avx2;
     if (!have_avx2(__func__)) return;
     /* batch, filters, spatial; the partition's group and parts */
-    static const int cases[][5] = {{3, 4, 37, 1, 1},  {3, 4, 37, 3, 1},  {3, 4, 37, 1, 5},   {2, 3, 16, 2, 1},
-                                   {4, 2, 5, 1, 3},   {2, 3, 64, 1, 7},  {5, 19, 1, 19, 1},  {5, 19, 1, 8, 1},
-                                   {70, 9, 1, 9, 4},  {70, 9, 1, 4, 3},  {9, 40, 1, 40, 2}, {4, 16, 2048 + 37, 2, 1}};
+    static const int cases[][5] = {{3, 4, 37, 1, 1},   {3, 4, 37, 3, 1},   {3, 4, 37, 1, 5},  {2, 3, 16, 2, 1},
+                                   {4, 2, 5, 1, 3},    {2, 3, 64, 1, 7},   {5, 19, 1, 19, 1}, {5, 19, 1, 8, 1},
+                                   {70, 9, 1, 9, 4},   {70, 9, 1, 4, 3},   {9, 40, 1, 40, 2}, {4, 16, 2048 + 37, 2, 1},
+                                   {4200, 6, 1, 6, 1}, {4200, 6, 1, 3, 2}};
+    enum { CASES = sizeof cases / sizeof cases[0] };
     rng_t r;
     rng_init(&r, 20261205);
-    int compared = 0, differ = 0;
-    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        int B = cases[c][0], F = cases[c][1], S = cases[c][2];
+    int compared = 0, differ = 0, alone_differ = 0;
+    for (int c = 0; c < CASES; c++) {
+        int B = cases[c][0], F = cases[c][1], S = cases[c][2], special = c % 3 == 2;
+        int numerics = c % 2 ? DNBN_NUMERICS_STANDARD : DNBN_NUMERICS_DARKNET;
         dnbn_part pt = {.batch = B, .filters = F, .spatial = S, .m = (idx_t)B * S, .parts = cases[c][4],
                         .group = cases[c][3], .threads = 1};
-        idx_t total = (idx_t)B * F * S, nchan = (idx_t)F * (10 + DNBN_SCRATCH_DOUBLES);
-        float *x = malloc((size_t)total * sizeof(float)), *dy = malloc((size_t)total * sizeof(float));
+        idx_t total = (idx_t)B * F * S, nchan = (idx_t)F * PC_N;
+        if (F > 64 || (idx_t)F * pt.parts > DNBN_MAX_PARTIALS) {
+            check_true(tn, "case fits the test's arrays", 0);
+            continue;
+        }
+        float *x = falloc((size_t)total), *dy = falloc((size_t)total);
         for (idx_t i = 0; i < total; i++) {
-            x[i] = c % 3 == 2 ? prim_value(&r) : (float)rng_gauss(&r) * 4 + 2;
+            x[i] = special ? prim_value(&r) : (float)rng_gauss(&r) * 4 + 2;
             dy[i] = (float)rng_gauss(&r);
         }
         float par[4][64];
@@ -1714,24 +1744,57 @@ static void test_phases_bit_identical(void)
             phase_record rec[2];
             for (int b = 0; b < 2; b++) {
                 dnbn_layer *l = dnbn_make_batchnorm_layer(B, S, 1, F);
-                if (c % 2) dnbn_batchnorm_layer_set_numerics(l, DNBN_NUMERICS_STANDARD, 1e-3f, 0.1f);
+                if (numerics == DNBN_NUMERICS_STANDARD) dnbn_batchnorm_layer_set_numerics(l, numerics, 1e-3f, 0.1f);
                 for (int f = 0; f < F; f++)
                     l->scales[f] = par[0][f], l->biases[f] = par[1][f], l->rolling_mean[f] = par[2][f],
                     l->rolling_variance[f] = par[3][f];
-                rec[b].out = malloc((size_t)total * 5 * sizeof(float));
-                rec[b].chan = malloc((size_t)nchan * sizeof(double));
+                for (int k = 0; k < PR_N; k++) rec[b].t[k] = falloc((size_t)total);
+                rec[b].chan = dalloc((size_t)nchan);
                 run_phases(b ? v : g, l, &pt, x, dy, stream, rec[b]);
                 dnbn_free_batchnorm_layer(l);
             }
-            differ += !same_floats(rec[0].out, rec[1].out, (size_t)total * 5) +
-                      !same_doubles(rec[0].chan, rec[1].chan, (size_t)nchan);
+            for (int k = 0; k < PR_N; k++) differ += !same_floats(rec[0].t[k], rec[1].t[k], (size_t)total);
+            differ += !same_doubles(rec[0].chan, rec[1].chan, (size_t)nchan);
+            for (int b = 0; b < 2; b++)
+                alone_differ += !same_floats(rec[b].t[PR_XN_ONLY], rec[b].t[PR_XN], (size_t)total) +
+                                !same_floats(rec[b].t[PR_LIGHT], rec[b].t[PR_OUT], (size_t)total) +
+                                !same_floats(rec[b].t[PR_IN_PLACE], rec[b].t[PR_DELTA], (size_t)total);
             compared++;
-            for (int b = 0; b < 2; b++) free(rec[b].out), free(rec[b].chan);
+            if (!special && stream == 0) { /* the portable build against the float64 oracle */
+                olayer o;
+                ol_init(&o, B, F, S, numerics, 1e-3, 0.1);
+                for (int f = 0; f < F; f++)
+                    o.scales[f] = par[0][f], o.biases[f] = par[1][f], o.rm[f] = par[2][f], o.rv[f] = par[3][f];
+                ol_forward(&o, x, 1);
+                check_buf(tn, "training output vs oracle", rec[0].t[PR_OUT], o.out, (size_t)total, 0);
+                check_buf(tn, "x_norm vs oracle", rec[0].t[PR_XN], o.xn, (size_t)total, 0);
+                float row[64];
+                for (int f = 0; f < F; f++) row[f] = (float)rec[0].chan[0 * F + f];
+                check_buf(tn, "batch mean vs oracle", row, o.mean, (size_t)F, 1);
+                for (int f = 0; f < F; f++) row[f] = (float)rec[0].chan[1 * F + f];
+                check_buf(tn, "batch variance vs oracle", row, o.var, (size_t)F, 1);
+                check_dd(tn, "public moments: mean vs oracle", rec[0].chan + (PC_FLOATS + DNBN_SCRATCH_DOUBLES + 0) * F,
+                         o.mean, (size_t)F, MOMENTS_RTOL);
+                ol_backward(&o, dy);
+                check_buf(tn, "input delta vs oracle", rec[0].t[PR_DELTA], o.delta, (size_t)total, 0);
+                for (int f = 0; f < F; f++) row[f] = (float)rec[0].chan[4 * F + f];
+                check_buf(tn, "scale updates vs oracle", row, o.su, (size_t)F, 0);
+                for (int f = 0; f < F; f++) row[f] = (float)rec[0].chan[5 * F + f];
+                check_buf(tn, "bias updates vs oracle", row, o.bu, (size_t)F, 0);
+                ol_forward(&o, x, 0);
+                check_buf(tn, "inference output vs oracle", rec[0].t[PR_INFER], o.out, (size_t)total, 0);
+                ol_free(&o);
+            }
+            for (int b = 0; b < 2; b++) {
+                for (int k = 0; k < PR_N; k++) free(rec[b].t[k]);
+                free(rec[b].chan);
+            }
         }
         free(x), free(dy);
     }
     check_int(tn, "passes whose outputs differ in any bit", differ, 0);
-    check_int(tn, "passes compared", compared, 24);
+    check_int(tn, "outputs written alone or in place that differ from the full pass's", alone_differ, 0);
+    check_int(tn, "passes compared", compared, 2 * CASES);
 }
 
 /* dnbn_set_num_threads rejects n < 1 (DNBN_ERR_ARG, setting kept), clamps n > 256; get reads it back. */
