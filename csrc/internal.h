@@ -199,7 +199,9 @@ idx_t dnbn_units(const dnbn_part *pt);
  * reduction when `reduce` (forward: the moments of `in`; backward: the sums
  * of dy = `in` against the layer's x) and the elementwise pass when `map`;
  * with both, the reduction is finished into the channel's numbers in between
- * (fused: one unit, both halves, while it is in cache). */
+ * (fused: one unit, both halves, while it is in cache). Fused needs whole
+ * channels per unit (parts == 1); with split channels a pass first reduces
+ * alone into `partial`, merges (dnbn_pass_merge), then maps alone. */
 typedef struct dnbn_pass {
     dnbn_layer *l;          /* NULL only for the public statistics (reduce alone) */
     const dnbn_rows *r;
