@@ -314,6 +314,21 @@ int dnbn_batchnorm_normalizer(int numerics, double eps, const double *variance, 
 int dnbn_set_num_threads(int n);
 int dnbn_get_num_threads(void);
 
+/* Another library's thread team for the parallel calls, in place of the
+ * library's own pool of sleeping workers: run(body, arg, threads, 0) must call
+ * body(arg) on `threads` threads at once, the calling thread among them, and
+ * return when all have returned. That is GOMP_parallel's contract, so the
+ * GOMP_parallel of the OpenMP runtime already in the process (libgomp, or
+ * LLVM's libomp) can be passed as it is. In a process where another library
+ * keeps an OpenMP team spinning between its calls (PyTorch), that team is
+ * awake and on the cores, where the pool's workers would first have to win a
+ * core from it; darknet_bn.torch passes PyTorch's. NULL returns to the pool,
+ * and a forked child starts with the pool. */
+typedef void (*dnbn_team_run)(void (*body)(void *), void *arg, unsigned threads, unsigned flags);
+void dnbn_set_team(dnbn_team_run run);
+/* The team given (NULL: the pool). */
+dnbn_team_run dnbn_get_team(void);
+
 /* The instruction-set path chosen at run time: "avx2" or "generic".
  * DARKNET_BN_SIMD=generic forces the portable path. */
 const char *dnbn_simd_path(void);

@@ -247,6 +247,7 @@ void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx);
 /* Threads worth using for `work` element operations (at least 1). */
 int dnbn_threads_for(idx_t work);
 
+
 /* ---- per-channel moments -------------------------------------------------
  * acc = {n, mean, m2}: count, mean and sum of squared deviations. */
 

@@ -2,7 +2,8 @@
  * threads.c - the thread-count setting and parallel_for on a pool of
  * persistent, sleeping worker threads (fork-safe; see "the pool" below).
  *
- * Mutable globals: the thread count and the pool.
+ * Mutable globals: the thread count, the pool, and the team that replaces
+ * the pool when another library's is given (dnbn_set_team).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -13,6 +14,7 @@
 #include "internal.h"
 
 static atomic_int num_threads; /* 0 until first read: then the default */
+static _Atomic(dnbn_team_run) team; /* NULL: the pool */
 
 /* ---- the pool ----
  * Workers 1 .. workers-1 are created on first use and sleep on a condition
@@ -171,6 +173,7 @@ static void fork_prepare(void) { pthread_mutex_lock(&pool.lock); }
 static void fork_parent(void) { pthread_mutex_unlock(&pool.lock); }
 static void fork_child(void)
 {
+    atomic_store(&team, NULL); /* the other library's threads do not exist here either */
     pool.workers = 0;
     pool.busy = 0;
     pool.open = 0;
@@ -200,6 +203,36 @@ static int grow_pool(int want)
     return pool.workers;
 }
 
+void dnbn_set_team(dnbn_team_run run)
+{
+    pthread_once(&atfork_once, register_atfork);
+    atomic_store(&team, run);
+}
+
+dnbn_team_run dnbn_get_team(void) { return atomic_load(&team); }
+
+/* About four chunks per thread: late joiners still find work, and no thread
+ * waits long for the last chunk. */
+static idx_t chunk_for(idx_t n, int threads) { return n / (4 * (idx_t)threads) > 1 ? n / (4 * (idx_t)threads) : 1; }
+
+/* A job on another library's team: every member claims chunks of [0, n). */
+typedef struct team_job {
+    dnbn_range_fn fn;
+    void *ctx;
+    idx_t n, chunk;
+    atomic_llong next;
+} team_job;
+
+static void team_body(void *arg)
+{
+    team_job *job = arg;
+    for (;;) {
+        idx_t lo = (idx_t)atomic_fetch_add(&job->next, job->chunk);
+        if (lo >= job->n) return;
+        job->fn(job->ctx, lo, lo + job->chunk < job->n ? lo + job->chunk : job->n);
+    }
+}
+
 void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
 {
     if (n <= 0) return;
@@ -207,6 +240,12 @@ void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
     if (threads > DNBN_MAX_THREADS) threads = DNBN_MAX_THREADS;
     if (threads <= 1) {
         fn(ctx, 0, n);
+        return;
+    }
+    dnbn_team_run run = atomic_load(&team);
+    if (run) {
+        team_job job = {fn, ctx, n, chunk_for(n, threads), 0};
+        run(team_body, &job, (unsigned)threads, 0);
         return;
     }
     pthread_once(&atfork_once, register_atfork);
@@ -220,9 +259,7 @@ void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
     if (workers < threads - 1) threads = workers + 1; /* could not start them all */
     pool.busy = 1;
     pool.fn = fn, pool.ctx = ctx, pool.n = n;
-    /* about four chunks per thread: late joiners still find work, and no
-     * thread waits long for the last chunk */
-    idx_t chunk = n / (4 * (idx_t)threads) > 1 ? n / (4 * (idx_t)threads) : 1;
+    idx_t chunk = chunk_for(n, threads);
     pool.chunk = chunk;
     atomic_store(&pool.next, 0);
     pool.parts = threads;

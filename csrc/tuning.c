@@ -468,7 +468,8 @@ int dnbn_tuning_report(char *buf, int size)
     dnbn_group_bytes();
     pthread_mutex_lock(&streaming.lock);
     stream_mode_init();
-    put(&o, "{\"simd\": \"%s\", \"l2_bytes\": %ld, \"l3_bytes\": %ld, ", dnbn_simd_path(), caches.l2, caches.l3);
+    put(&o, "{\"simd\": \"%s\", \"team\": \"%s\", \"l2_bytes\": %ld, \"l3_bytes\": %ld, ", dnbn_simd_path(),
+        dnbn_get_team() ? "external" : "pool", caches.l2, caches.l3);
     put(&o, "\"group_bytes\": %lld, \"group_source\": \"%s\", ", (long long)caches.group_bytes,
         caches.group_source);
     put(&o, "\"min_work_per_thread\": %lld, \"min_work_source\": \"%s\", ", (long long)atomic_load(&min_work),

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The environment variables that change what the library chooses.
 ENV_SETTINGS = ("DARKNET_BN_NUM_THREADS", "DARKNET_BN_SIMD", "DARKNET_BN_GROUP_KB", "DARKNET_BN_MIN_WORK",
-                "DARKNET_BN_STREAM")
+                "DARKNET_BN_STREAM", "DARKNET_BN_TEAM")
 
 
 def info_report() -> Dict[str, object]:
@@ -95,7 +95,7 @@ def run_info(as_json: bool) -> int:
     assert isinstance(env, dict)
     print(f"darknet_bn {report['version']}")
     print(f"simd:         {report['simd']}")
-    print(f"threads:      {report['threads']} (usable cores: {report['usable_cores']})")
+    print(f"threads:      {report['threads']} (usable cores: {report['usable_cores']}), run by: {report['team']}")
     tuning = report["tuning"]
     assert isinstance(tuning, dict)
     print(f"caches:       L2 {tuning['l2_bytes'] >> 10} KiB, L3 {tuning['l3_bytes'] >> 10} KiB (0: unknown)")

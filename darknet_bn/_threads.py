@@ -6,6 +6,7 @@ from typing import Any, Dict
 
 from . import _validate
 from ._lib import check, ffi, lib
+from ._openmp_team import team_library
 
 
 def set_num_threads(n: int) -> None:
@@ -25,7 +26,8 @@ def get_num_threads() -> int:
 def tuning() -> Dict[str, Any]:
     """Return the choices the library made for this machine (docs/reference.md §5).
 
-    Keys: ``simd``; ``l2_bytes`` and ``l3_bytes`` as the system reports them
+    Keys: ``simd``; ``team`` ("pool", or "external" when another library's
+    thread team runs the parallel calls); ``l2_bytes`` and ``l3_bytes`` as the system reports them
     (0: unknown); ``group_bytes`` (input bytes of a channel group) and
     ``group_source``; ``min_work_per_thread`` (the least values per extra
     thread), ``min_work_source``, and the measurements it comes from,
@@ -52,10 +54,14 @@ def tuning() -> Dict[str, Any]:
 
 def info() -> Dict[str, Any]:
     """Return the library's version, instruction-set path ("avx2" or "generic"),
-    thread count, and under ``tuning`` the machine-dependent choices (:func:`tuning`)."""
+    thread count, the threads that run parallel calls (``team``: "pool" for
+    darknet_bn's own, else the path of the OpenMP runtime whose team runs them,
+    see ``darknet_bn.torch``), and under ``tuning`` the machine-dependent
+    choices (:func:`tuning`)."""
     return {
         "version": ffi.string(lib.dnbn_version()).decode(),
         "simd": ffi.string(lib.dnbn_simd_path()).decode(),
         "threads": get_num_threads(),
+        "team": team_library() or "pool",
         "tuning": tuning(),
     }

@@ -816,6 +816,9 @@ def _import_torch(disabled: bool) -> Any:
         import torch
     except ImportError:
         return None
+    # as in a user's process that has PyTorch: darknet_bn.torch puts darknet_bn's parallel calls on
+    # PyTorch's OpenMP team (DARKNET_BN_TEAM=pool keeps darknet_bn's own pool; bench.txt's header says which)
+    import darknet_bn.torch  # noqa: F401
     return torch
 
 

@@ -24,17 +24,16 @@ tensors' own memory: the input is read in place (and kept for backward without
 a copy), the output and the gradients are new tensors written by C, the running
 statistics are updated in place in the module's buffers, ``weight.grad`` and
 ``bias.grad`` come from the layer's ``scale_updates`` and ``bias_updates``.
-The C calls release the GIL and use darknet_bn's own threads
-(``darknet_bn.set_num_threads``, all cores by default), not PyTorch's.
-
-Threads. darknet_bn's workers sleep between calls; PyTorch's OpenMP workers
-(libgomp) keep spin-waiting for a while after each PyTorch operation. With
-several threads, a batch norm that follows a convolution therefore shares the
-cores with spinning workers and can be slower than PyTorch's own (the
-benchmark's CNN row shows it). Setting ``OMP_WAIT_POLICY=PASSIVE`` in the
-environment before Python starts removes the contention; so does
-``darknet_bn.set_num_threads(1)`` on small machines. Single-threaded, the C
-layer is faster than PyTorch's.
+The C calls release the GIL. Their threads: ``darknet_bn.set_num_threads``
+(all cores by default) decides how many a call uses, and importing this
+module hands darknet_bn the ``GOMP_parallel`` of the OpenMP runtime PyTorch
+loaded (``darknet_bn._openmp_team``), so that the calls run on PyTorch's own
+OpenMP team. That team spin-waits for a while after each PyTorch operation;
+darknet_bn's own workers sleep between calls, and after a convolution they
+would first have to win a core from a spinning OpenMP thread (a batch norm at
+two threads then ran at about one thread's speed). ``DARKNET_BN_TEAM=pool``
+in the environment keeps darknet_bn's own pool; ``darknet_bn.info()["team"]``
+says which runs.
 
 * Training (and eval without running statistics): batch statistics; forward
   and backward are both the C layer's.
@@ -119,6 +118,9 @@ import numpy as np
 
 from . import fold as _fold
 from ._lib import check, ffi, lib
+from ._openmp_team import use_openmp_team
+
+use_openmp_team()  # the calls run on PyTorch's OpenMP team (DARKNET_BN_TEAM=pool: darknet_bn's own pool)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "FUSER_METHOD_MAPPING", "SyncBatchNorm", "batch_norm", "convert_model"]
 

@@ -53,7 +53,8 @@ def test_info_json_follows_the_environment():
     assert report["version"] == report["package_version"] == darknet_bn.__version__
     assert report["threads"] == 1
     assert report["simd"] == "generic"
-    inherited = {k: os.environ.get(k) for k in ("DARKNET_BN_GROUP_KB", "DARKNET_BN_MIN_WORK", "DARKNET_BN_STREAM")}
+    inherited = {k: os.environ.get(k) for k in ("DARKNET_BN_GROUP_KB", "DARKNET_BN_MIN_WORK", "DARKNET_BN_STREAM",
+                                              "DARKNET_BN_TEAM")}
     assert report["env"] == {"DARKNET_BN_NUM_THREADS": "1", "DARKNET_BN_SIMD": "generic", **inherited}
     assert report["tuning"]["simd"] == "generic"
     assert report["usable_cores"] >= 1

@@ -29,6 +29,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1518,6 +1519,110 @@ static void test_pool_persists_and_shrinks(void)
     dnbn_set_num_threads(saved);
 }
 
+/* A thread team for test_team, with GOMP_parallel's contract: body(arg) on `threads` threads, the caller
+ * among them (at most 8 here), returning when all have returned. Counts its calls and members. */
+static atomic_int team_calls, team_members;
+typedef struct team_task {
+    void (*body)(void *);
+    void *arg;
+} team_task;
+
+static void *team_member(void *p)
+{
+    team_task *t = p;
+    atomic_fetch_add(&team_members, 1);
+    t->body(t->arg);
+    return NULL;
+}
+
+static void test_team_run(void (*body)(void *), void *arg, unsigned threads, unsigned flags)
+{
+    (void)flags;
+    atomic_fetch_add(&team_calls, 1);
+    team_task t = {body, arg};
+    pthread_t ids[8];
+    int started[8] = {0};
+    unsigned n = threads < 8 ? threads : 8;
+    for (unsigned k = 1; k < n; k++) started[k] = pthread_create(&ids[k], NULL, team_member, &t) == 0;
+    team_member(&t);
+    for (unsigned k = 1; k < n; k++)
+        if (started[k]) pthread_join(ids[k], NULL);
+}
+
+/* One training step and an inference forward of a fresh layer on x and dy; the outputs into out (4 tensors). */
+static void team_step(int B, int C, int W, const float *x, const float *dy, float *out)
+{
+    size_t N = (size_t)B * C * W * W;
+    dnbn_layer *l = dnbn_make_batchnorm_layer(B, W, W, C);
+    dnbn_network net = {.input = (float *)x, .delta = NULL, .train = 1};
+    dnbn_forward_batchnorm_layer(l, net);
+    memcpy(out, l->output, N * sizeof(float));
+    memcpy(out + N, l->x_norm, N * sizeof(float));
+    dnbn_backward_batchnorm_layer_from(l, (float *)dy);
+    memcpy(out + 2 * N, l->delta, N * sizeof(float));
+    net.train = 0;
+    dnbn_forward_batchnorm_layer(l, net);
+    memcpy(out + 3 * N, l->output, N * sizeof(float));
+    dnbn_free_batchnorm_layer(l);
+}
+
+/* dnbn_set_team: parallel calls run on the given team (every call of several threads, each with the
+ * thread count it asks for), with the pool's results bit for bit; NULL returns to the pool; a forked
+ * child starts with the pool; the tuning report says which. */
+static void test_team(void)
+{
+    g_test = __func__;
+    const char *tn = "dnbn_set_team";
+    const int B = 4, C = 16, W = 64; /* 2^18 values: 2 threads at the tests' fixed threshold */
+    size_t N = (size_t)B * C * W * W;
+    int saved = dnbn_get_num_threads();
+    dnbn_set_num_threads(2);
+    rng_t r;
+    rng_init(&r, 1205);
+    float *x = falloc(N), *dy = falloc(N), *pool_out = falloc(4 * N), *team_out = falloc(4 * N);
+    fill_gauss(&r, x, N, 0.5, 2.0);
+    fill_gauss(&r, dy, N, 0.0, 1.0);
+    check_true(tn, "the pool at first", dnbn_get_team() == NULL);
+    team_step(B, C, W, x, dy, pool_out);
+    atomic_store(&team_calls, 0), atomic_store(&team_members, 0);
+    dnbn_set_team(test_team_run);
+    check_true(tn, "the team given is the team", dnbn_get_team() == test_team_run);
+    char report[256];
+    dnbn_tuning_report(report, sizeof report);
+    check_true(tn, "report: team external", strstr(report, "\"team\": \"external\"") != NULL);
+    team_step(B, C, W, x, dy, team_out);
+    int calls = atomic_load(&team_calls);
+    check_true(tn, "the step's parallel calls ran on the team", calls >= 3);
+    check_int(tn, "each with 2 members", atomic_load(&team_members), 2 * calls);
+    check_same(tn, "outputs on the team are the pool's", team_out, pool_out, 4 * N);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        signal(SIGALRM, SIG_DFL);
+        alarm(20);
+        int bad = dnbn_get_team() != NULL;
+        float *child_out = falloc(4 * N);
+        team_step(B, C, W, x, dy, child_out);
+        bad += atomic_load(&team_calls) != calls; /* the child ran none on the team */
+        bad += memcmp(child_out, pool_out, 4 * N * sizeof(float)) != 0;
+        free(child_out), free(x), free(dy), free(pool_out), free(team_out);
+        _exit(bad ? 1 : 0);
+    }
+    int status = 0;
+    check_true(tn, "fork", pid > 0 && waitpid(pid, &status, 0) == pid);
+    check_true(tn, "child: the pool again, the same outputs", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    check_true(tn, "the parent keeps its team", dnbn_get_team() == test_team_run);
+    dnbn_set_team(NULL);
+    check_true(tn, "NULL: the pool again", dnbn_get_team() == NULL);
+    team_step(B, C, W, x, dy, team_out);
+    check_int(tn, "no call on the team after NULL", atomic_load(&team_calls), calls);
+    check_same(tn, "outputs back on the pool", team_out, pool_out, 4 * N);
+    dnbn_tuning_report(report, sizeof report);
+    check_true(tn, "report: team pool", strstr(report, "\"team\": \"pool\"") != NULL);
+    free(x), free(dy), free(pool_out), free(team_out);
+    dnbn_set_num_threads(saved);
+}
+
 /* A float for the primitive tests: mostly ordinary, sometimes NaN, infinite, denormal or near FLT_MAX. */
 static float prim_value(rng_t *r)
 {
@@ -2446,6 +2551,7 @@ int main(void)
     test_info();
     test_threads_setting();
     test_tuning();
+    test_team();
 
     static const kshape kshapes[] = {
         {"64x1024x1 (fully connected)", 64, 1024, 1},

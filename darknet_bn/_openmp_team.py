@@ -1,0 +1,70 @@
+"""Run darknet_bn's parallel calls on the OpenMP team already in the process.
+
+PyTorch's CPU build runs its intra-op work on an OpenMP team whose threads
+spin for a while after each op before they sleep. darknet_bn's own workers
+sleep between calls, so right after a PyTorch op they must first win a core
+from a spinning OpenMP thread, and a call that should use two threads mostly
+runs on one. Handing darknet_bn the ``GOMP_parallel`` of the OpenMP runtime
+PyTorch loaded (``dnbn_set_team`` in the C API) runs its calls on that same
+team, which is awake and on the cores.
+
+``DARKNET_BN_TEAM=pool`` keeps darknet_bn's own pool; ``openmp`` (the
+default once ``darknet_bn.torch`` is imported) uses the OpenMP team when one
+is loaded. The library's thread count still decides how many threads a call
+uses.
+"""
+
+import ctypes
+import os
+from typing import Optional
+
+from ._lib import ffi, lib
+
+__all__ = ["use_openmp_team", "team_library"]
+
+_ENV = "DARKNET_BN_TEAM"
+_current: Optional[str] = None
+
+
+def _loaded_openmp() -> Optional[str]:
+    """The path of an OpenMP runtime mapped into this process (libgomp, or LLVM's libomp/libiomp), if any."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = [line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6]
+    except OSError:
+        return None
+    for path in paths:
+        name = os.path.basename(path)
+        if name.startswith(("libgomp", "libomp", "libiomp5")) and ".so" in name:
+            return path
+    return None
+
+
+def use_openmp_team() -> Optional[str]:
+    """Run darknet_bn's parallel calls on the loaded OpenMP runtime's team; return its path.
+
+    Does nothing and returns None when ``DARKNET_BN_TEAM=pool`` is set or no
+    OpenMP runtime exporting ``GOMP_parallel`` is loaded (darknet_bn's own
+    pool is used then). Safe to call more than once.
+    """
+    global _current
+    if os.environ.get(_ENV, "openmp").strip().lower() == "pool":
+        return None
+    path = _loaded_openmp()
+    if path is None:
+        return None
+    try:
+        runtime = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
+        address = ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    if not address:
+        return None
+    lib.dnbn_set_team(ffi.cast("dnbn_team_run", address))
+    _current = path
+    return path
+
+
+def team_library() -> Optional[str]:
+    """The OpenMP runtime whose team runs the parallel calls (None: darknet_bn's own pool)."""
+    return _current if lib.dnbn_get_team() != ffi.NULL else None
