@@ -244,9 +244,9 @@ def cnn_table(cnn: Dict[str, Any], passive: Optional[Dict[str, Any]] = None) -> 
     agr = cnn["agreement"]
     lines.append(f"Median time per step ({cnn['results'][0]['reps']} reps). ratio = torch.nn.BatchNorm2d step time")
     lines.append("/ the converted model's: above 1x the darknet_bn model trains faster. Convolutions, pooling and")
-    lines.append("the optimizer are torch's in both models. With several threads, darknet_bn's workers (which")
-    lines.append("sleep between calls) share the cores with torch's OpenMP workers, which spin-wait after each op")
-    lines.append("unless OMP_WAIT_POLICY=PASSIVE (rows marked PASSIVE ran in a child process started with it).")
+    lines.append("the optimizer are torch's in both models. darknet_bn's calls run on torch's OpenMP team (info()")
+    lines.append("team; DARKNET_BN_TEAM=pool: darknet_bn's sleeping workers, which must win a core from torch's")
+    lines.append("spin-waiting ones). Rows marked PASSIVE ran in a child process started with OMP_WAIT_POLICY=PASSIVE.")
     lines.append(f"Losses of the first {len(agr['losses'][MODEL_PEERS[0][0]])} steps agree to a relative "
                  f"{agr['max_rel_diff']:.1e} (tolerance {agr['tolerance']:g}).")
     return "\n".join(lines)

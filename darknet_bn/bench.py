@@ -53,9 +53,11 @@ With torch, more sections follow (each ratio is torch's time over darknet_bn's):
   training step, inference, and the batch-norm time inside one training step
   from ``torch.profiler``, torch's model against its conversion.
 
-With several threads the converted models' batch norms run on darknet_bn's own
-threads while torch's OpenMP workers may still spin-wait from the previous
-torch op (libgomp's default); ``OMP_WAIT_POLICY=PASSIVE`` stops that at some
+With torch installed the benchmark imports ``darknet_bn.torch``, so darknet_bn's
+parallel calls run on torch's OpenMP team, as in a user's process
+(``DARKNET_BN_TEAM=pool`` keeps darknet_bn's own sleeping workers, which then
+compete for the cores with torch's OpenMP workers spin-waiting after each
+op, libgomp's default). ``OMP_WAIT_POLICY=PASSIVE`` stops the spinning at some
 cost to torch's own ops. libgomp reads it when torch loads, so
 ``--omp-passive`` runs the CNN and ResNet sections a second time in a child
 process started with it (:mod:`darknet_bn._bench_passive`); both results are
