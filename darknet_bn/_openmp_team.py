@@ -26,31 +26,35 @@ _ENV = "DARKNET_BN_TEAM"
 _current: Optional[str] = None
 
 
-def _loaded_openmp() -> Optional[str]:
-    """The path of an OpenMP runtime mapped into this process (libgomp, or LLVM's libomp/libiomp), if any."""
+def _loaded_openmp(prefer: Optional[str]) -> Optional[str]:
+    """The path of an OpenMP runtime mapped into this process (libgomp, or LLVM's libomp/libiomp5):
+    the first under the directory ``prefer`` (the library whose team it should be), else the first."""
     try:
         with open("/proc/self/maps") as maps:
             paths = [line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6]
     except OSError:
         return None
-    for path in paths:
-        name = os.path.basename(path)
-        if name.startswith(("libgomp", "libomp", "libiomp5")) and ".so" in name:
-            return path
-    return None
+    runtimes = [p for p in paths if os.path.basename(p).startswith(("libgomp", "libomp", "libiomp5")) and ".so" in p]
+    if prefer:
+        under = [p for p in runtimes if p.startswith(os.path.join(os.path.realpath(prefer), ""))
+                 or p.startswith(os.path.join(prefer, ""))]
+        runtimes = under + runtimes
+    return runtimes[0] if runtimes else None
 
 
-def use_openmp_team() -> Optional[str]:
-    """Run darknet_bn's parallel calls on the loaded OpenMP runtime's team; return its path.
+def use_openmp_team(prefer: Optional[str] = None) -> Optional[str]:
+    """Run darknet_bn's parallel calls on a loaded OpenMP runtime's team; return its path.
 
-    Does nothing and returns None when ``DARKNET_BN_TEAM=pool`` is set or no
-    OpenMP runtime exporting ``GOMP_parallel`` is loaded (darknet_bn's own
-    pool is used then). Safe to call more than once.
+    ``prefer``: a directory (PyTorch's) whose OpenMP runtime to take when
+    several are loaded. Does nothing and returns None when
+    ``DARKNET_BN_TEAM=pool`` is set (any other value: this) or no OpenMP
+    runtime exporting ``GOMP_parallel`` is loaded; darknet_bn's own pool is
+    used then. Safe to call more than once.
     """
     global _current
     if os.environ.get(_ENV, "openmp").strip().lower() == "pool":
         return None
-    path = _loaded_openmp()
+    path = _loaded_openmp(prefer)
     if path is None:
         return None
     try:

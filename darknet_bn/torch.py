@@ -101,6 +101,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 try:
@@ -120,7 +121,8 @@ from . import fold as _fold
 from ._lib import check, ffi, lib
 from ._openmp_team import use_openmp_team
 
-use_openmp_team()  # the calls run on PyTorch's OpenMP team (DARKNET_BN_TEAM=pool: darknet_bn's own pool)
+# the calls run on PyTorch's OpenMP team (DARKNET_BN_TEAM=pool: darknet_bn's own pool)
+use_openmp_team(prefer=os.path.dirname(torch.__file__))
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "FUSER_METHOD_MAPPING", "SyncBatchNorm", "batch_norm", "convert_model"]
 
