@@ -18,6 +18,12 @@ import pytest
 # (docs/reference.md §5). Read by the library at its first parallel call.
 os.environ.setdefault("DARKNET_BN_MIN_WORK", "65536")
 
+# The tests of threads, the pool and fork name darknet_bn's own pool; importing
+# darknet_bn.torch (test_torch*, the benchmark's tests) would otherwise put the
+# calls of the whole session on PyTorch's OpenMP team. test_openmp_team tests the
+# team, in interpreters of its own.
+os.environ.setdefault("DARKNET_BN_TEAM", "pool")
+
 # The oracle and these helpers are imported by the test modules as plain modules.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:

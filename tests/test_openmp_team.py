@@ -43,6 +43,7 @@ print(json.dumps({{"digest": digest, "team": darknet_bn.info()["team"],
 
 
 def _step(imports, **env):
+    env.setdefault("DARKNET_BN_TEAM", None)  # the suite's default (conftest) is the pool
     p = run_python(STEP.format(imports=imports), DARKNET_BN_MIN_WORK="65536", **env)
     assert p.returncode == 0, describe_exit(p)
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -70,7 +71,7 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 print("child", os.waitstatus_to_exitcode(status), darknet_bn.info()["team"] != "pool")
 """
-    p = run_python(code, DARKNET_BN_MIN_WORK="65536")
+    p = run_python(code, DARKNET_BN_MIN_WORK="65536", DARKNET_BN_TEAM=None)
     assert p.returncode == 0, describe_exit(p)
     assert p.stdout.strip().splitlines()[-1] == "child 0 True", p.stdout
 
@@ -90,7 +91,7 @@ for w in workers: w.start()
 for w in workers: w.join()
 print(json.dumps({"errors": errors, "same": sorted(set(results)) == [digest], "n": len(results)}))
 """
-    p = run_python(code, DARKNET_BN_MIN_WORK="65536")
+    p = run_python(code, DARKNET_BN_MIN_WORK="65536", DARKNET_BN_TEAM=None)
     assert p.returncode == 0, describe_exit(p)
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report == {"errors": [], "same": True, "n": 20}
