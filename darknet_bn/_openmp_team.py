@@ -12,6 +12,17 @@ team, which is awake and on the cores.
 default once ``darknet_bn.torch`` is imported) uses the OpenMP team when one
 is loaded. The library's thread count still decides how many threads a call
 uses.
+
+Not taken: in a process forked from one that had imported darknet_bn
+(libgomp cannot run a team in the child of a process whose thread had one:
+the call would wait forever for the parent's threads), and when the other
+library runs one thread (a DataLoader worker sets PyTorch to one thread:
+there is no spinning team to lend, and it may be such a child). libgomp's own
+limits then apply to the process: after a team has run in it, multithreaded
+OpenMP work in its forked children hangs, as after PyTorch's own parallel
+ops (start children with ``spawn``, or set ``DARKNET_BN_TEAM=pool``), and
+libgomp ends the process when it cannot create a thread (darknet_bn's pool
+runs on fewer threads instead).
 """
 
 import ctypes
@@ -24,6 +35,17 @@ __all__ = ["use_openmp_team", "team_library"]
 
 _ENV = "DARKNET_BN_TEAM"
 _current: Optional[str] = None
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: the C library is back on its pool (its fork handler); never take a team here."""
+    global _current, _forked
+    _current = None
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _loaded_openmp(prefer: Optional[str]) -> Optional[str]:
@@ -42,17 +64,19 @@ def _loaded_openmp(prefer: Optional[str]) -> Optional[str]:
     return runtimes[0] if runtimes else None
 
 
-def use_openmp_team(prefer: Optional[str] = None) -> Optional[str]:
+def use_openmp_team(prefer: Optional[str] = None, threads: int = 2) -> Optional[str]:
     """Run darknet_bn's parallel calls on a loaded OpenMP runtime's team; return its path.
 
     ``prefer``: a directory (PyTorch's) whose OpenMP runtime to take when
-    several are loaded. Does nothing and returns None when
-    ``DARKNET_BN_TEAM=pool`` is set (any other value: this) or no OpenMP
-    runtime exporting ``GOMP_parallel`` is loaded; darknet_bn's own pool is
-    used then. Safe to call more than once.
+    several are loaded; ``threads``: the thread count that library runs its
+    own work with. Does nothing and returns None when ``DARKNET_BN_TEAM=pool``
+    is set (any other value: this), ``threads`` < 2, this process was forked
+    from one that had imported darknet_bn, or no OpenMP runtime exporting
+    ``GOMP_parallel`` is loaded; darknet_bn's own pool is used then. Safe to
+    call more than once.
     """
     global _current
-    if os.environ.get(_ENV, "openmp").strip().lower() == "pool":
+    if os.environ.get(_ENV, "openmp").strip().lower() == "pool" or threads < 2 or _forked:
         return None
     path = _loaded_openmp(prefer)
     if path is None:

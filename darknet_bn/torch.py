@@ -33,7 +33,11 @@ darknet_bn's own workers sleep between calls, and after a convolution they
 would first have to win a core from a spinning OpenMP thread (a batch norm at
 two threads then ran at about one thread's speed). ``DARKNET_BN_TEAM=pool``
 in the environment keeps darknet_bn's own pool; ``darknet_bn.info()["team"]``
-says which runs.
+says which runs. The team is not taken when PyTorch runs one thread (as in a
+DataLoader worker) or in a process forked from one that had imported
+darknet_bn; after it has run, libgomp's limits apply (see
+``darknet_bn._openmp_team``: forked children's multithreaded OpenMP work
+hangs, as after PyTorch's own parallel ops).
 
 * Training (and eval without running statistics): batch statistics; forward
   and backward are both the C layer's.
@@ -121,8 +125,9 @@ from . import fold as _fold
 from ._lib import check, ffi, lib
 from ._openmp_team import use_openmp_team
 
-# the calls run on PyTorch's OpenMP team (DARKNET_BN_TEAM=pool: darknet_bn's own pool)
-use_openmp_team(prefer=os.path.dirname(torch.__file__))
+# the calls run on PyTorch's OpenMP team when it has more than one thread (DARKNET_BN_TEAM=pool: darknet_bn's
+# own pool); not in a forked child (darknet_bn._openmp_team)
+use_openmp_team(prefer=os.path.dirname(torch.__file__), threads=torch.get_num_threads())
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "FUSER_METHOD_MAPPING", "SyncBatchNorm", "batch_norm", "convert_model"]
 

@@ -95,3 +95,35 @@ print(json.dumps({"errors": errors, "same": sorted(set(results)) == [digest], "n
     assert p.returncode == 0, describe_exit(p)
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report == {"errors": [], "same": True, "n": 20}
+
+
+# A forked child must never run a libgomp team when its parent's thread had one: it would wait forever for
+# threads that exist only in the parent. The parent here runs PyTorch's own 2-thread work first.
+FORK_CHILD = """
+import os, numpy as np, torch
+{parent}
+torch.set_num_threads(2)
+x = torch.randn(600, 600); (x @ x).sum()  # the parent's main thread now has a 2-thread libgomp team
+pid = os.fork()
+if pid == 0:
+    {child}
+    import darknet_bn, darknet_bn.torch as dbt
+    darknet_bn.set_num_threads(2)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((8, 16, 64, 64), dtype=np.float32))
+    y = dbt.BatchNorm2d(16)(x).detach().numpy()  # 2 threads' worth at DARKNET_BN_MIN_WORK
+    # (no PyTorch op of 2 threads here: libgomp would wait for the parent's threads in it too)
+    ok = darknet_bn.info()["team"] == "pool" and abs(float(y.std()) - 1) < 1e-2
+    os._exit(0 if ok else 3)
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.parametrize("parent, child", [
+    ("", "torch.set_num_threads(1)  # what a DataLoader worker does, then imports darknet_bn.torch lazily"),
+    ("import darknet_bn", "pass  # PyTorch still at 2 threads; darknet_bn was imported before the fork"),
+], ids=["dataloader-worker", "child-of-darknet_bn-process"])
+def test_forked_child_does_not_take_the_team(parent, child):
+    p = run_python(FORK_CHILD.format(parent=parent, child=child), timeout=60, DARKNET_BN_MIN_WORK="65536",
+                   DARKNET_BN_TEAM=None)
+    assert p.returncode == 0, describe_exit(p)
+    assert p.stdout.strip().splitlines()[-1] == "child 0", p.stdout
