@@ -240,13 +240,14 @@ void dnbn_pass_backward_terms(const dnbn_pass *p, dnbn_unit w, double *a, double
  * call never waits for a worker to wake. It returns when all chunks are done.
  * Which thread runs which chunk is not fixed. Reentrant from several caller
  * threads (a call that finds the pool busy uses threads of its own) and
- * fork-safe. If a thread cannot be created, fewer threads. */
+ * fork-safe. If a thread cannot be created, fewer threads. When another
+ * library's team is given (dnbn_set_team), the chunks run on `threads` of its
+ * threads instead, and the call ends at its barrier. */
 typedef void (*dnbn_range_fn)(void *ctx, idx_t lo, idx_t hi);
 void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx);
 
 /* Threads worth using for `work` element operations (at least 1). */
 int dnbn_threads_for(idx_t work);
-
 
 /* ---- per-channel moments -------------------------------------------------
  * acc = {n, mean, m2}: count, mean and sum of squared deviations. */
