@@ -79,17 +79,14 @@ static void reduce_units(void *arg, idx_t lo, idx_t hi)
             if (rd->sum == SUM_SQ_DEV)
                 for (idx_t j = 0; j < w.nf; j++) s[j] = s2[j];
         } else { /* runs: image by image, channel by channel */
-            for (idx_t b = w.j0 / S; b * S < w.j1; b++) {
-                idx_t i0 = w.j0 - b * S > 0 ? w.j0 - b * S : 0, i1 = w.j1 - b * S < S ? w.j1 - b * S : S;
-                for (idx_t j = 0; j < w.nf; j++) {
-                    idx_t f = w.f0 + j, off = (b * F + f) * S + i0, len = i1 - i0;
-                    switch (rd->sum) {
-                    case SUM_X: s[j] += r->sum(rd->x + off, len); break;
-                    case SUM_DELTA: s[j] += r->sum(rd->delta + off, len); break;
-                    case SUM_SQ_DEV: s[j] += r->sum_sq_dev(rd->x + off, len, rd->k[f]); break;
-                    case SUM_DOT: s[j] += r->dot(rd->delta + off, rd->x + off, len); break;
-                    case SUM_DOT_DEV: s[j] += r->dot_dev(rd->delta + off, rd->x + off, len, rd->k[f]); break;
-                    }
+            for (dnbn_unit_row q = dnbn_rows_before(&rd->pt, w); dnbn_next_row(&rd->pt, w, &q);) {
+                idx_t j = q.j, f = w.f0 + j, off = q.off, len = q.n;
+                switch (rd->sum) {
+                case SUM_X: s[j] += r->sum(rd->x + off, len); break;
+                case SUM_DELTA: s[j] += r->sum(rd->delta + off, len); break;
+                case SUM_SQ_DEV: s[j] += r->sum_sq_dev(rd->x + off, len, rd->k[f]); break;
+                case SUM_DOT: s[j] += r->dot(rd->delta + off, rd->x + off, len); break;
+                case SUM_DOT_DEV: s[j] += r->dot_dev(rd->delta + off, rd->x + off, len, rd->k[f]); break;
                 }
             }
         }
@@ -240,19 +237,15 @@ static void map_units(void *arg, idx_t lo, idx_t hi)
             }
             continue;
         }
-        for (idx_t b = w.j0 / S; b * S < w.j1; b++) {
-            idx_t i0 = w.j0 - b * S > 0 ? w.j0 - b * S : 0, i1 = w.j1 - b * S < S ? w.j1 - b * S : S;
-            for (idx_t j = 0; j < w.nf; j++) {
-                idx_t off = (b * F + w.f0 + j) * S + i0, len = i1 - i0;
-                switch (ew->kind) {
-                case NORMALIZE: r->normalize(ew->x + off, len, k[j], a[j]); break;
-                case SCALE: r->scale(ew->x + off, len, a[j]); break;
-                case SHIFT: r->shift(ew->x + off, len, a[j]); break;
-                case NORMALIZE_DELTA: /* in double, like the layer's backward: its three terms may nearly cancel */
-                    r->backward_apply(ew->delta + off, ew->delta + off, ew->x + off, len, da[j], dk[j], db[j], dc[j],
-                                      0);
-                    break;
-                }
+        for (dnbn_unit_row q = dnbn_rows_before(&ew->pt, w); dnbn_next_row(&ew->pt, w, &q);) {
+            idx_t j = q.j, off = q.off, len = q.n;
+            switch (ew->kind) {
+            case NORMALIZE: r->normalize(ew->x + off, len, k[j], a[j]); break;
+            case SCALE: r->scale(ew->x + off, len, a[j]); break;
+            case SHIFT: r->shift(ew->x + off, len, a[j]); break;
+            case NORMALIZE_DELTA: /* in double, like the layer's backward: its three terms may nearly cancel */
+                r->backward_apply(ew->delta + off, ew->delta + off, ew->x + off, len, da[j], dk[j], db[j], dc[j], 0);
+                break;
             }
         }
     }

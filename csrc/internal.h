@@ -140,6 +140,38 @@ int dnbn_partition_grouped(int filters, int spatial, int threads);
 dnbn_part dnbn_partition_sized(int batch, int filters, int spatial, int reads, int threads, idx_t group_bytes);
 dnbn_unit dnbn_unit_at(const dnbn_part *pt, idx_t unit);
 
+/* The walk over a unit's rows when spatial > 1, in memory order: image by
+ * image, channel by channel. Row (b, j) is the values [off, off + n) of image
+ * b's row of channel w.f0 + j that belong to the unit (a unit of a split
+ * channel starts and ends inside images):
+ *   for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);) ...
+ * Within an image only the offset moves (by spatial); the image's range of
+ * positions is worked out once per image. */
+typedef struct dnbn_unit_row {
+    idx_t b, j, off, n;
+} dnbn_unit_row;
+
+static inline dnbn_unit_row dnbn_rows_before(const dnbn_part *pt, dnbn_unit w)
+{
+    dnbn_unit_row r = {w.j0 / pt->spatial - 1, w.nf - 1, 0, 0};
+    return r;
+}
+
+static inline int dnbn_next_row(const dnbn_part *pt, dnbn_unit w, dnbn_unit_row *r)
+{
+    const idx_t S = pt->spatial;
+    if (++r->j < w.nf) {
+        r->off += S;
+        return 1;
+    }
+    r->j = 0;
+    if (++r->b * S >= w.j1) return 0;
+    idx_t lo = w.j0 - r->b * S, hi = w.j1 - r->b * S, i0 = lo > 0 ? lo : 0, i1 = hi < S ? hi : S;
+    r->off = (r->b * pt->filters + w.f0) * S + i0;
+    r->n = i1 - i0;
+    return 1;
+}
+
 /* ---- row primitives ----------------------------------------------------
  * Each works on n contiguous floats of one channel with scalar per-channel
  * parameters. Sums are returned in double. Both implementations evaluate the

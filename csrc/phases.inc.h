@@ -12,7 +12,7 @@
  *   public call -> dnbn_parallel_for -> phase -> loop over values.
  *
  * The walks. spatial > 1: the unit's rows image by image and channel by
- * channel (next_row), each the values of one image's row that belong to the
+ * channel (dnbn_next_row, internal.h), each the values of one image's row that belong to the
  * unit (a unit of a split channel starts and ends inside images).
  * spatial == 1: the unit is a tile of channels over a range of images,
  * walked in blocks of ROWS_FC_BLOCK images through the channel-vector loops,
@@ -35,37 +35,6 @@ static inline void ROWS(fold_block)(double acc[3], double n, double k, double s1
     dnbn_moments_merge(acc, block);
 }
 
-/* The walk over a unit's rows when spatial > 1, in memory order: image by
- * image, channel by channel. Row (b, j) is the values [off, off + n) of image
- * b's row of channel w.f0 + j that belong to the unit:
- *   for (unit_row r = rows_before(pt, w); next_row(pt, w, &r);) ...
- * Within an image only the offset moves (by spatial); the image's range of
- * positions is worked out once per image. */
-typedef struct unit_row {
-    idx_t b, j, off, n;
-} unit_row;
-
-static inline unit_row ROWS(rows_before)(const dnbn_part *pt, dnbn_unit w)
-{
-    unit_row r = {w.j0 / pt->spatial - 1, w.nf - 1, 0, 0};
-    return r;
-}
-
-static inline int ROWS(next_row)(const dnbn_part *pt, dnbn_unit w, unit_row *r)
-{
-    const idx_t S = pt->spatial;
-    if (++r->j < w.nf) {
-        r->off += S;
-        return 1;
-    }
-    r->j = 0;
-    if (++r->b * S >= w.j1) return 0;
-    idx_t lo = w.j0 - r->b * S, hi = w.j1 - r->b * S, i0 = lo > 0 ? lo : 0, i1 = hi < S ? hi : S;
-    r->off = (r->b * pt->filters + w.f0) * S + i0;
-    r->n = i1 - i0;
-    return 1;
-}
-
 static inline idx_t ROWS(min)(idx_t a, idx_t b) { return a < b ? a : b; }
 
 /* Forward: acc[j] = {count, mean, m2} of channel f0 + j over the unit's
@@ -85,7 +54,7 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
             double acc[DNBN_MAX_GROUP][3];
             for (idx_t j = 0; j < w.nf; j++) acc[j][0] = acc[j][1] = acc[j][2] = 0;
             if (S > 1) {
-                for (unit_row r = ROWS(rows_before)(pt, w); ROWS(next_row)(pt, w, &r);)
+                for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);)
                     for (idx_t i = 0; i < r.n; i += ROWS_MOMENT_BLOCK) {
                         idx_t n = ROWS(min)(r.n - i, ROWS_MOMENT_BLOCK);
                         double k = in[r.off + i], s1, s2;
@@ -111,7 +80,7 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
         const float *g = p->l->scales + w.f0, *bt = p->l->biases + w.f0;
         const int light = !x && !xn; /* nothing to keep: the lighter loop, the same arithmetic */
         if (S > 1) {
-            for (unit_row r = ROWS(rows_before)(pt, w); ROWS(next_row)(pt, w, &r);) {
+            for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);) {
                 idx_t o = r.off, j = r.j;
                 if (light)
                     ROWS(forward_infer)(in + o, y + o, r.n, mh[j], ml[j], inv[j], g[j], bt[j], stream);
@@ -152,7 +121,7 @@ static void ROWS(backward_phase)(void *arg, idx_t lo, idx_t hi)
             double acc[DNBN_MAX_GROUP][3], s[DNBN_MAX_GROUP], sd[DNBN_MAX_GROUP];
             for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0;
             if (S > 1) {
-                for (unit_row r = ROWS(rows_before)(pt, w); ROWS(next_row)(pt, w, &r);)
+                for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);)
                     ROWS(sums_dev)(dy + r.off, x + r.off, r.n, k[r.j], &s[r.j], &sd[r.j]);
             } else {
                 for (idx_t im = w.j0; im < w.j1; im += ROWS_FC_BLOCK) {
@@ -166,7 +135,7 @@ static void ROWS(backward_phase)(void *arg, idx_t lo, idx_t hi)
         }
         dnbn_pass_backward_terms(p, w, a, b, c);
         if (S > 1) {
-            for (unit_row r = ROWS(rows_before)(pt, w); ROWS(next_row)(pt, w, &r);)
+            for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);)
                 ROWS(backward_apply)(out + r.off, dy + r.off, x + r.off, r.n, a[r.j], k[r.j], b[r.j], c[r.j], stream);
         } else {
             for (idx_t im = w.j0; im < w.j1; im += ROWS_FC_BLOCK) {

@@ -48,11 +48,11 @@ static struct {
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, NULL,
           NULL, 0, 0, 0, {0}};
 
-/* Claims chunks of the current job until none is left. */
-static void run_chunks(dnbn_range_fn fn, void *ctx, idx_t n, idx_t chunk)
+/* Claims chunks of [0, n) from the counter *next until none is left. */
+static void run_chunks(dnbn_range_fn fn, void *ctx, idx_t n, idx_t chunk, atomic_llong *next)
 {
     for (;;) {
-        idx_t lo = (idx_t)atomic_fetch_add(&pool.next, chunk);
+        idx_t lo = (idx_t)atomic_fetch_add(next, chunk);
         if (lo >= n) return;
         fn(ctx, lo, lo + chunk < n ? lo + chunk : n);
     }
@@ -163,7 +163,7 @@ static void *worker_main(void *arg)
         void *ctx = pool.ctx;
         idx_t n = pool.n, chunk = pool.chunk;
         pthread_mutex_unlock(&pool.lock);
-        run_chunks(fn, ctx, n, chunk);
+        run_chunks(fn, ctx, n, chunk, &pool.next);
         pthread_mutex_lock(&pool.lock);
         if (--pool.joined == 0 && !pool.open) pthread_cond_signal(&pool.done);
     }
@@ -226,11 +226,7 @@ typedef struct team_job {
 static void team_body(void *arg)
 {
     team_job *job = arg;
-    for (;;) {
-        idx_t lo = (idx_t)atomic_fetch_add(&job->next, job->chunk);
-        if (lo >= job->n) return;
-        job->fn(job->ctx, lo, lo + job->chunk < job->n ? lo + job->chunk : job->n);
-    }
+    run_chunks(job->fn, job->ctx, job->n, job->chunk, &job->next);
 }
 
 void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
@@ -269,7 +265,7 @@ void dnbn_parallel_for(idx_t n, int threads, dnbn_range_fn fn, void *ctx)
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    run_chunks(fn, ctx, n, chunk);
+    run_chunks(fn, ctx, n, chunk, &pool.next);
 
     pthread_mutex_lock(&pool.lock);
     pool.open = 0; /* the counter is spent: nobody else joins */
