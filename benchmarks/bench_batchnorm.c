@@ -11,7 +11,8 @@
  * Every figure is the median of --reps repetitions. "roof" is the least time
  * the pass could take at the measured copy bandwidth: training step = read the
  * input, write the output and one tensor kept for backward, then read delta
- * and that tensor and write delta (6 floats per value); inference = read input,
+ * and that tensor and write delta (6 floats per value; 5 for "...input in x",
+ * whose kept tensor is the input itself); inference = read input,
  * write output (2 floats per value); a kernel = the floats it must read and
  * write. "%roof" = roof / measured time.
  */
@@ -162,6 +163,16 @@ static void fast_step_keep(bufs *b)
     b->fast->keep_x_norm = 0;
 }
 
+/* The same step with the input where backward reads it (l->x = the input):
+ * forward copies nothing, as a caller that keeps its input does. */
+static void fast_step_in_x(bufs *b)
+{
+    float *own = b->fast->x;
+    b->fast->x = b->input;
+    fast_step(b);
+    b->fast->x = own;
+}
+
 static void fast_forward_train(bufs *b)
 {
     dnbn_network net = {b->input, NULL, 1};
@@ -210,6 +221,7 @@ typedef struct bench_case {
 static const bench_case cases[] = {
     {"layer train step", fast_step, ref_step, 6, 0},
     {"  ...keeping x_norm", fast_step_keep, ref_step, 6, 0},
+    {"  ...input in x", fast_step_in_x, ref_step, 5, 0},
     {"layer forward (train)", fast_forward_train, ref_forward_train, 3, 0},
     {"layer backward", fast_backward, ref_backward, 3, 0},
     {"layer forward (infer)", fast_infer, ref_infer, 2, 0},

@@ -209,17 +209,30 @@ class Peer:
 
 
 class LayerPeer(Peer):
-    """darknet_bn's ``BatchNormLayer`` with the given numerics."""
+    """darknet_bn's ``BatchNormLayer`` with the given numerics.
 
-    def __init__(self, x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.ndarray, numerics: str) -> None:
+    With ``copy_input`` False the input is written into ``layer.x`` once and
+    every forward is given ``layer.x`` itself, so that it reads the input
+    where backward will find it and copies nothing (the zero-copy call of the
+    README), as PyTorch keeps a reference to its input; with True each
+    forward is given a separate array and copies it into ``layer.x``, as
+    Darknet's forward does.
+    """
+
+    def __init__(self, x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.ndarray, numerics: str,
+                 copy_input: bool = False) -> None:
         super().__init__(x, dy, gamma, beta)
         b, c, h, w = self.shape
         self.numerics = numerics
-        self.name = f"darknet_bn_{numerics}"
-        self.label = f"darknet_bn {numerics}"
+        self.name = f"darknet_bn_{numerics}" + ("_copy" if copy_input else "")
+        self.label = f"darknet_bn {numerics}" + (", x copied" if copy_input else "")
         self.layer = darknet_bn.BatchNormLayer(b, w, h, c, numerics=numerics)
         self.layer.scales = gamma
         self.layer.biases = beta
+        if not copy_input:
+            kept = self.layer.x.reshape(x.shape)
+            kept[...] = x
+            x = kept
         self.x, self.dy = x, dy
         self.y = self.layer.output
 
@@ -456,6 +469,7 @@ def make_peers(shape: Shape, torch: Any, seed: int = 0) -> List[Peer]:
 
     peers: List[Peer] = [
         LayerPeer(*own(), "standard"),
+        LayerPeer(*own(), "standard", copy_input=True),
         LayerPeer(*own(), "darknet"),
     ]
     if torch is not None:
@@ -592,7 +606,7 @@ def table(cells: Sequence[Dict[str, Any]]) -> str:
         bw = group[0]["copy_bandwidth"]
         lines.append(f"== {threads} thread{'s' if threads > 1 else ''} "
                      f"(copy bandwidth {bw / 1e9:.1f} GB/s) ==")
-        lines.append(f"{'shape':<16} {'peer':<21} {'train step':>11} {'ratio':>8} {'inference':>11} {'ratio':>8}")
+        lines.append(f"{'shape':<16} {'peer':<29} {'train step':>11} {'ratio':>8} {'inference':>11} {'ratio':>8}")
         for c in group:
             name = shape_label(c["shape"])
             rows = [(e["label"], e["train_step_s"], e["ratio"]["train_step"], e["infer_s"], e["ratio"]["infer"])
@@ -602,21 +616,24 @@ def table(cells: Sequence[Dict[str, Any]]) -> str:
                          rf["ratio"]["infer"]))
             for i, (label, ts, tr, inf, ir) in enumerate(rows):
                 ratio = lambda r: f"{r:7.2f}x" if r is not None else "       -"  # noqa: E731
-                lines.append(f"{name if i == 0 else '':<16} {label:<21} {fmt_time(ts):>11} {ratio(tr):>8} "
+                lines.append(f"{name if i == 0 else '':<16} {label:<29} {fmt_time(ts):>11} {ratio(tr):>8} "
                              f"{fmt_time(inf):>11} {ratio(ir):>8}")
             lines.append(f"{'':<16} ({c['reps']} reps, {fmt_size(c['megabytes'])})")
         lines.append("")
     lines.append("Times are medians per call. ratio = peer time / darknet_bn time with the same numerics")
     lines.append("(standard for torch and numpy, darknet for the reference path): 3.00x means darknet_bn is 3x")
-    lines.append("faster. The reference path is single-threaded C loops called from Python; numpy is")
-    lines.append("single-threaded. roofline = least bytes moved / DRAM copy bandwidth (a floor for the")
-    lines.append("out-of-cache shapes; shapes that fit in cache can beat it); its ratio = the fraction of the")
-    lines.append("roof darknet_bn standard reaches.")
+    lines.append("faster. darknet_bn's layers read their input from layer.x (written there once, so forward copies")
+    lines.append("nothing, as PyTorch keeps a reference to its input); \"x copied\" passes a separate array, which")
+    lines.append("forward copies into layer.x, as Darknet does. The reference path is single-threaded C loops")
+    lines.append("called from Python; numpy is single-threaded. roofline = least bytes moved / DRAM copy")
+    lines.append("bandwidth (a floor for the out-of-cache shapes; shapes that fit in cache can beat it); its")
+    lines.append("ratio = the fraction of the roof darknet_bn standard reaches.")
     return "\n".join(lines)
 
 
 PEER_COLORS = {
     "darknet_bn_standard": "#1f77b4",
+    "darknet_bn_standard_copy": "#9ecae1",
     "darknet_bn_darknet": "#6baed6",
     "torch": "#d62728",
     "torch_out": "#ff9896",

@@ -391,7 +391,10 @@ class BatchNormLayer:
 
         Args:
             input: float32 of shape (batch, c, h, w) or (batch, c*h*w); copied
-                first if not C-contiguous.
+                first if not C-contiguous. A training forward copies it into
+                ``x`` for backward, unless it is ``x`` itself (a view of it):
+                write the input into ``layer.x`` and pass ``layer.x`` to skip
+                that copy, one tensor less written per step.
             train: True for batch statistics (updates the running statistics
                 and keeps x and x_norm for backward; needs batch*h*w >= 2),
                 False for the running statistics (writes only output).

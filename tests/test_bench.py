@@ -54,7 +54,7 @@ def _check_outputs(out_dir, threads, with_torch, passive=False):
     assert report["agreement"]["check"]["max_scaled_diff"] <= report["agreement"]["check"]["tolerance"]
     assert _positive(report["wall_time_s"])
 
-    expected = {"darknet_bn_standard", "darknet_bn_darknet", "numpy", "reference"}
+    expected = {"darknet_bn_standard", "darknet_bn_standard_copy", "darknet_bn_darknet", "numpy", "reference"}
     if with_torch:
         expected |= {"torch", "torch_out"}
     cells = report["results"]

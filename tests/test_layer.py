@@ -271,6 +271,29 @@ def test_forward_on_its_own_output(rng):
     check_forward(layer, st, train=True)
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["4d", "2d"])
+@pytest.mark.parametrize("numerics", ["darknet", "standard"])
+def test_input_in_layer_x(rng, numerics, flat):
+    """forward(layer.x) (the zero-copy call): the input is read where it is and
+    kept as is; training steps, backward and inference match the oracle."""
+    shape = (3, 5, 6, 7)
+    layer, st = make_pair(shape, rng, numerics=numerics)
+    for _ in range(3):
+        x, d = activations(rng, shape), f32(rng.standard_normal(shape))
+        view = layer.x.reshape(shape[0], -1) if flat else layer.x
+        view[...] = x.reshape(view.shape)
+        layer.forward(view)
+        st.forward(x)
+        check_forward(layer, st, train=True)
+        assert np.array_equal(layer.x, x), "x changed"
+        ret = layer.backward(d)
+        st.backward(d)
+        check_backward(layer, st, ret, darknet=numerics == "darknet")
+    layer.forward(layer.x, train=False)
+    st.forward(x, train=False)
+    check_forward(layer, st, train=False)
+
+
 def test_inference_on_a_fresh_layer(rng):
     """Inference before any training uses rolling mean 0 and variance 0: (x - 0)/(0 + 1e-6)."""
     shape = (2, 3, 2, 2)
