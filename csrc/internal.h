@@ -186,7 +186,7 @@ typedef struct dnbn_rows {
     double (*dot_dev)(const float *d, const float *x, idx_t n, float c);   /* sum d*(x-c) */
     void (*sums_dev)(const float *d, const float *x, idx_t n, double k, double *s,
                      double *sd); /* s += sum d, sd += sum d*(x-k) */
-    void (*shifted_sums)(const float *x, idx_t n, double k, double *s1, double *s2);  /* s1=sum(x-k), s2=sum(x-k)^2 */
+    void (*shifted_sums)(const float *x, idx_t n, double k, double *s1, double *s2);  /* s1 += sum(x-k), s2 += sum(x-k)^2 */
     void (*scale)(float *y, idx_t n, float s);                             /* y *= s */
     void (*shift)(float *y, idx_t n, float b);                             /* y += b */
     void (*normalize)(float *y, idx_t n, float mean, float inv);           /* y = (y-mean)*inv */

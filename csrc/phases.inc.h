@@ -53,14 +53,25 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
         if (p->reduce) {
             double acc[DNBN_MAX_GROUP][3];
             for (idx_t j = 0; j < w.nf; j++) acc[j][0] = acc[j][1] = acc[j][2] = 0;
-            if (S > 1) {
-                for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);)
-                    for (idx_t i = 0; i < r.n; i += ROWS_MOMENT_BLOCK) {
-                        idx_t n = ROWS(min)(r.n - i, ROWS_MOMENT_BLOCK);
-                        double k = in[r.off + i], s1, s2;
-                        ROWS(shifted_sums)(in + r.off + i, n, k, &s1, &s2);
-                        ROWS(fold_block)(acc[r.j], (double)n, k, s1, s2);
+            if (S > 1) { /* a channel's blocks span rows: short rows share a shift and a fold */
+                double k[DNBN_MAX_GROUP], s1[DNBN_MAX_GROUP], s2[DNBN_MAX_GROUP];
+                idx_t n[DNBN_MAX_GROUP];
+                for (idx_t j = 0; j < w.nf; j++) n[j] = 0, s1[j] = s2[j] = 0;
+                for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);) {
+                    const idx_t j = r.j;
+                    for (idx_t i = 0; i < r.n;) {
+                        if (n[j] == 0) k[j] = in[r.off + i];
+                        idx_t m = ROWS(min)(r.n - i, ROWS_MOMENT_BLOCK - n[j]);
+                        ROWS(shifted_sums)(in + r.off + i, m, k[j], &s1[j], &s2[j]);
+                        i += m;
+                        if ((n[j] += m) == ROWS_MOMENT_BLOCK) {
+                            ROWS(fold_block)(acc[j], (double)n[j], k[j], s1[j], s2[j]);
+                            n[j] = 0, s1[j] = s2[j] = 0;
+                        }
                     }
+                }
+                for (idx_t j = 0; j < w.nf; j++)
+                    if (n[j]) ROWS(fold_block)(acc[j], (double)n[j], k[j], s1[j], s2[j]);
             } else { /* blocks of images share a shift, the block's first image */
                 double s1[DNBN_MAX_GROUP], s2[DNBN_MAX_GROUP];
                 for (idx_t b0 = w.j0; b0 < w.j1; b0 += ROWS_MOMENT_BLOCK) {

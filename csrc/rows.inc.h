@@ -171,7 +171,7 @@ static double ROWS(dot_dev)(const float *p, const float *x, idx_t n, float c0)
     return ROWS(hsum)(a, b, c, d) + t;
 }
 
-static void ROWS(sums_dev)(const float *p, const float *x, idx_t n, double k0, double *s, double *sd)
+static inline __attribute__((always_inline)) void ROWS(sums_dev)(const float *p, const float *x, idx_t n, double k0, double *s, double *sd)
 {
     const rv4d k = {k0, k0, k0, k0};
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
@@ -204,7 +204,7 @@ static void ROWS(sums_dev)(const float *p, const float *x, idx_t n, double k0, d
     *sd += ((cd[0] + cd[1]) + (cd[2] + cd[3])) + u;
 }
 
-static void ROWS(shifted_sums)(const float *x, idx_t n, double k0, double *s1, double *s2)
+static inline __attribute__((always_inline)) void ROWS(shifted_sums)(const float *x, idx_t n, double k0, double *s1, double *s2)
 {
     const rv4d k = {k0, k0, k0, k0};
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
@@ -233,8 +233,8 @@ static void ROWS(shifted_sums)(const float *x, idx_t n, double k0, double *s1, d
         q += u * u;
     }
     rv4d ab = a + b, cd = c + d;
-    *s1 = ((ab[0] + ab[1]) + (ab[2] + ab[3])) + t;
-    *s2 = ((cd[0] + cd[1]) + (cd[2] + cd[3])) + q;
+    *s1 += ((ab[0] + ab[1]) + (ab[2] + ab[3])) + t;
+    *s2 += ((cd[0] + cd[1]) + (cd[2] + cd[3])) + q;
 }
 
 static void ROWS(scale)(float *y, idx_t n, float s)
@@ -372,7 +372,7 @@ static inline __attribute__((always_inline)) idx_t ROWS(infer_steps)(const float
     return i;
 }
 
-static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
+static inline __attribute__((always_inline)) void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
                                 float inv, float gamma, float beta, int stream)
 {
     int nt = ROWS(stream_ok)(stream, x, xn, y);
@@ -386,7 +386,7 @@ static void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, 
     ROWS(stream_end)(nt);
 }
 
-static void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
+static inline __attribute__((always_inline)) void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
                                 float beta, int stream)
 {
     int nt = ROWS(stream_ok)(stream, y, NULL, NULL);
@@ -401,7 +401,7 @@ static void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, fl
     ROWS(stream_end)(nt);
 }
 
-static void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
+static inline __attribute__((always_inline)) void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
                                  double b, double c, int stream)
 {
     const rv4d va = {a, a, a, a}, vk = {k, k, k, k}, vb = {b, b, b, b}, vc = {c, c, c, c};

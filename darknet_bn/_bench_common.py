@@ -147,11 +147,17 @@ def settle_tuning(fn: Callable[[], None], max_calls: int = 32) -> None:
         before = after
 
 
+#: Fewest repetitions a budget chooses: a median of 3 is the middle sample,
+#: which two disturbed samples out of three make (a 103 MB cell once read
+#: 129 ms where 7 repetitions gave 52 ms).
+MIN_REPS = 5
+
+
 def rep_count(reps: Optional[int], budget: float, one_rep: float, max_reps: int) -> int:
-    """``reps`` if given, else as many repetitions of ``one_rep`` seconds as fit in ``budget`` (3 to ``max_reps``)."""
+    """``reps`` if given, else as many repetitions of ``one_rep`` seconds as fit in ``budget`` (``MIN_REPS`` to ``max_reps``)."""
     if reps is not None:
         return reps
-    return int(min(max_reps, max(3, budget // max(one_rep, 1e-9))))
+    return int(min(max_reps, max(MIN_REPS, budget // max(one_rep, 1e-9))))
 
 
 def interleaved(
@@ -175,7 +181,7 @@ def interleaved(
     With ``before``, every timed call follows an untimed ``before()`` and only
     the call is timed; the inner count then makes a sample (``before`` and the
     call) last ``min_time``. ``reps`` None: as many repetitions as fit in
-    ``budget`` seconds (3 to ``max_reps``). Advances ``progress`` by
+    ``budget`` seconds (``MIN_REPS`` to ``max_reps``). Advances ``progress`` by
     ``weight`` cells in total. Returns ({name: {"s": median, "samples": [...], "inner": n}}, reps).
     """
     inner: Dict[Any, int] = {}

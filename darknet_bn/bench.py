@@ -14,9 +14,10 @@ shape and thread count it times, in one process and on the same data:
   ``darknet_bn.kernels.reference`` (single-threaded C loops), Darknet numerics,
   so its ratio is taken against ``darknet_bn darknet``;
 * ``roofline`` -- the least bytes the pass must move over the copy bandwidth
-  measured in this run (training step 6 floats per value: read input, write
-  output and one tensor kept for backward, read delta and that tensor, write
-  delta; inference 2 floats per value), as in the C benchmark.
+  measured in this run: training step 5 floats per value (read input, write
+  output, read delta and the input, write delta: darknet_bn's peers keep
+  their input in ``layer.x``, as PyTorch keeps a reference to it; the C
+  benchmark's "...input in x" row), inference 2 floats per value.
 
 Two passes are timed: the training step (forward with batch statistics, then
 backward of a fixed delta) and the inference forward (running statistics).
@@ -165,7 +166,7 @@ CHECK_SHAPE: Shape = (8, 32, 16, 16)
 PASSES = ("train_step", "infer")
 PASS_TITLES = {"train_step": "training step (forward + backward)", "infer": "inference forward"}
 #: Floats moved per tensor value by the least a pass can do (see the module docstring).
-ROOF_FLOATS = {"train_step": 6, "infer": 2}
+ROOF_FLOATS = {"train_step": 5, "infer": 2}
 
 
 # --------------------------------------------------------------------------- peers
@@ -553,7 +554,7 @@ def bench_cell(
     """Time every peer's two passes at ``threads`` threads, repetitions interleaved across peers.
 
     ``reps`` None chooses the repetition count from the warm-up timings so the
-    cell takes about ``budget`` seconds (between 3 and ``max_reps``).
+    cell takes about ``budget`` seconds (between ``MIN_REPS`` and ``max_reps``).
     """
     set_threads(threads, torch)
     b, c, h, w = peers[0].shape

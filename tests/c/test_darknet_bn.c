@@ -1699,6 +1699,7 @@ static void test_row_primitives_bit_identical(void)
             g->sums_dev(a, b, n, dk[0][0], &sg[0], &sg[1]);
             v->sums_dev(a, b, n, dk[0][0], &sv[0], &sv[1]);
             differ += !same_doubles(sg, sv, 2);
+            rg[0] = rg[1] = rv[0] = rv[1] = 0; /* shifted_sums adds to them */
             g->shifted_sums(a, n, dk[1][0], &rg[0], &rg[1]);
             v->shifted_sums(a, n, dk[1][0], &rv[0], &rv[1]);
             differ += !same_doubles(rg, rv, 2);
