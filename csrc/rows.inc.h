@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <string.h>
 
+/* A loop the phases (or a wrapper) compile into themselves: no call per row. */
+#define ROWS_INLINE static inline __attribute__((always_inline))
+
 typedef float rv8f __attribute__((vector_size(32)));
 typedef float rv4f __attribute__((vector_size(16)));
 typedef double rv4d __attribute__((vector_size(32)));
@@ -171,7 +174,7 @@ static double ROWS(dot_dev)(const float *p, const float *x, idx_t n, float c0)
     return ROWS(hsum)(a, b, c, d) + t;
 }
 
-static inline __attribute__((always_inline)) void ROWS(sums_dev)(const float *p, const float *x, idx_t n, double k0, double *s, double *sd)
+ROWS_INLINE void ROWS(sums_dev)(const float *p, const float *x, idx_t n, double k0, double *s, double *sd)
 {
     const rv4d k = {k0, k0, k0, k0};
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
@@ -204,7 +207,7 @@ static inline __attribute__((always_inline)) void ROWS(sums_dev)(const float *p,
     *sd += ((cd[0] + cd[1]) + (cd[2] + cd[3])) + u;
 }
 
-static inline __attribute__((always_inline)) void ROWS(shifted_sums)(const float *x, idx_t n, double k0, double *s1, double *s2)
+ROWS_INLINE void ROWS(shifted_sums)(const float *x, idx_t n, double k0, double *s1, double *s2)
 {
     const rv4d k = {k0, k0, k0, k0};
     rv4d a = {0}, b = {0}, c = {0}, d = {0};
@@ -337,9 +340,8 @@ static inline void ROWS(norm8)(const float *in, const float *mh, const float *ml
 /* The 8-lane loops of the normalizing passes from i on, with `nt` a constant in
  * each call, so that the loop is compiled once with streaming stores and once
  * without; they return where the scalar tail starts. */
-static inline __attribute__((always_inline)) idx_t ROWS(train_steps)(const float *in, float *x, float *xn, float *y,
-                                                                    idx_t i, idx_t n, float mh, float ml, float inv,
-                                                                    float gamma, float beta, const int nt)
+ROWS_INLINE idx_t ROWS(train_steps)(const float *in, float *x, float *xn, float *y, idx_t i, idx_t n, float mh,
+                                    float ml, float inv, float gamma, float beta, const int nt)
 {
     const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
     const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
@@ -356,9 +358,8 @@ static inline __attribute__((always_inline)) idx_t ROWS(train_steps)(const float
     return i;
 }
 
-static inline __attribute__((always_inline)) idx_t ROWS(infer_steps)(const float *in, float *y, idx_t i, idx_t n,
-                                                                    float mh, float ml, float inv, float gamma,
-                                                                    float beta, const int nt)
+ROWS_INLINE idx_t ROWS(infer_steps)(const float *in, float *y, idx_t i, idx_t n, float mh, float ml, float inv,
+                                    float gamma, float beta, const int nt)
 {
     const rv8f vh = {mh, mh, mh, mh, mh, mh, mh, mh}, vl = {ml, ml, ml, ml, ml, ml, ml, ml};
     const rv8f vi = {inv, inv, inv, inv, inv, inv, inv, inv};
@@ -372,8 +373,8 @@ static inline __attribute__((always_inline)) idx_t ROWS(infer_steps)(const float
     return i;
 }
 
-static inline __attribute__((always_inline)) void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
-                                float inv, float gamma, float beta, int stream)
+ROWS_INLINE void ROWS(forward_train)(const float *in, float *x, float *xn, float *y, idx_t n, float mh, float ml,
+                                     float inv, float gamma, float beta, int stream)
 {
     int nt = ROWS(stream_ok)(stream, x, xn, y);
     idx_t i = 0;
@@ -386,8 +387,8 @@ static inline __attribute__((always_inline)) void ROWS(forward_train)(const floa
     ROWS(stream_end)(nt);
 }
 
-static inline __attribute__((always_inline)) void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
-                                float beta, int stream)
+ROWS_INLINE void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
+                                     float beta, int stream)
 {
     int nt = ROWS(stream_ok)(stream, y, NULL, NULL);
     idx_t i = 0;
@@ -401,8 +402,8 @@ static inline __attribute__((always_inline)) void ROWS(forward_infer)(const floa
     ROWS(stream_end)(nt);
 }
 
-static inline __attribute__((always_inline)) void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
-                                 double b, double c, int stream)
+ROWS_INLINE void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
+                                      double b, double c, int stream)
 {
     const rv4d va = {a, a, a, a}, vk = {k, k, k, k}, vb = {b, b, b, b}, vc = {c, c, c, c};
     int nt = ROWS(stream_ok)(stream, out, NULL, NULL);
@@ -461,11 +462,12 @@ static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const floa
  * arithmetic is exactly that of image after image. A block is at most
  * ROWS_FC_BLOCK images, `stride` floats apart: few enough that their lines
  * share an L1 set without evicting each other when the stride is a power of
- * two. ---- */
+ * two. Each loop is written once (*_n, inlined) and compiled for a full
+ * block, its image loop unrolled, and for a shorter one. ---- */
 #define ROWS_FC_BLOCK 4
 
-static void ROWS(fc_shifted_acc)(const float *x, idx_t stride, idx_t rows, const float *k, idx_t n, double *s1,
-                                 double *s2)
+ROWS_INLINE void ROWS(fc_shifted_acc_n)(const float *x, idx_t stride, idx_t rows, const float *k, idx_t n, double *s1,
+                                        double *s2)
 {
     idx_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -488,8 +490,17 @@ static void ROWS(fc_shifted_acc)(const float *x, idx_t stride, idx_t rows, const
         }
 }
 
-static void ROWS(fc_sums_dev)(const float *d, const float *x, idx_t stride, idx_t rows, const double *k, idx_t n,
-                              double *s, double *sd)
+static void ROWS(fc_shifted_acc)(const float *x, idx_t stride, idx_t rows, const float *k, idx_t n, double *s1,
+                                 double *s2)
+{
+    if (rows == ROWS_FC_BLOCK)
+        ROWS(fc_shifted_acc_n)(x, stride, ROWS_FC_BLOCK, k, n, s1, s2);
+    else
+        ROWS(fc_shifted_acc_n)(x, stride, rows, k, n, s1, s2);
+}
+
+ROWS_INLINE void ROWS(fc_sums_dev_n)(const float *d, const float *x, idx_t stride, idx_t rows, const double *k, idx_t n,
+                                     double *s, double *sd)
 {
     idx_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -512,9 +523,18 @@ static void ROWS(fc_sums_dev)(const float *d, const float *x, idx_t stride, idx_
         }
 }
 
+static void ROWS(fc_sums_dev)(const float *d, const float *x, idx_t stride, idx_t rows, const double *k, idx_t n,
+                              double *s, double *sd)
+{
+    if (rows == ROWS_FC_BLOCK)
+        ROWS(fc_sums_dev_n)(d, x, stride, ROWS_FC_BLOCK, k, n, s, sd);
+    else
+        ROWS(fc_sums_dev_n)(d, x, stride, rows, k, n, s, sd);
+}
+
 /* xn = ((in - mh) - ml) * inv, y = xn * g + b; x = in; each written when not NULL. */
-static void ROWS(fc_forward)(const float *in, float *x, float *xn, float *y, idx_t stride, idx_t rows, idx_t n,
-                             const float *mh, const float *ml, const float *inv, const float *g, const float *b)
+ROWS_INLINE void ROWS(fc_forward_n)(const float *in, float *x, float *xn, float *y, idx_t stride, idx_t rows, idx_t n,
+                                    const float *mh, const float *ml, const float *inv, const float *g, const float *b)
 {
     idx_t j = 0;
     for (; j + 8 <= n; j += 8) {
@@ -539,9 +559,18 @@ static void ROWS(fc_forward)(const float *in, float *x, float *xn, float *y, idx
         }
 }
 
+static void ROWS(fc_forward)(const float *in, float *x, float *xn, float *y, idx_t stride, idx_t rows, idx_t n,
+                             const float *mh, const float *ml, const float *inv, const float *g, const float *b)
+{
+    if (rows == ROWS_FC_BLOCK)
+        ROWS(fc_forward_n)(in, x, xn, y, stride, ROWS_FC_BLOCK, n, mh, ml, inv, g, b);
+    else
+        ROWS(fc_forward_n)(in, x, xn, y, stride, rows, n, mh, ml, inv, g, b);
+}
+
 /* out = dy * a + (x - k) * b + c, in double (out may be dy). */
-static void ROWS(fc_backward)(float *out, const float *dy, const float *x, idx_t stride, idx_t rows, idx_t n,
-                              const double *a, const double *k, const double *b, const double *c)
+ROWS_INLINE void ROWS(fc_backward_n)(float *out, const float *dy, const float *x, idx_t stride, idx_t rows, idx_t n,
+                                     const double *a, const double *k, const double *b, const double *c)
 {
     idx_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -560,14 +589,23 @@ static void ROWS(fc_backward)(float *out, const float *dy, const float *x, idx_t
             out[o] = (float)((dy[o] * a[j] + ((double)x[o] - k[j]) * b[j]) + c[j]);
 }
 
+static void ROWS(fc_backward)(float *out, const float *dy, const float *x, idx_t stride, idx_t rows, idx_t n,
+                              const double *a, const double *k, const double *b, const double *c)
+{
+    if (rows == ROWS_FC_BLOCK)
+        ROWS(fc_backward_n)(out, dy, x, stride, ROWS_FC_BLOCK, n, a, k, b, c);
+    else
+        ROWS(fc_backward_n)(out, dy, x, stride, rows, n, a, k, b, c);
+}
+
 /* The one-image forms of the loops above, for callers that walk the images themselves (blas.c). */
 static void ROWS(v_shifted_acc)(const float *x, const float *k, idx_t n, double *s1, double *s2)
 {
-    ROWS(fc_shifted_acc)(x, 0, 1, k, n, s1, s2);
+    ROWS(fc_shifted_acc_n)(x, 0, 1, k, n, s1, s2);
 }
 
 static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a,
                                    const double *k, const double *b, const double *c)
 {
-    ROWS(fc_backward)(out, dy, x, 0, 1, n, a, k, b, c);
+    ROWS(fc_backward_n)(out, dy, x, 0, 1, n, a, k, b, c);
 }
