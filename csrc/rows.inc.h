@@ -463,11 +463,12 @@ static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const floa
  * ROWS_FC_BLOCK images, `stride` floats apart: few enough that their lines
  * share an L1 set without evicting each other when the stride is a power of
  * two. Each loop is written once (*_n, inlined) and compiled for a full
- * block, its image loop unrolled, and for a shorter one. The elementwise ones
- * load the block's images before storing any: with a stride of a multiple of
- * 4 KB an image's store and the next image's load share their low address
- * bits, and the CPU may hold the load until the store is done (64x1024x1x1
- * backward 37 -> 35 us, 1 thread). ---- */
+ * block, its image loop unrolled, and for a shorter one. The backward loads
+ * the block's images before storing any: with a stride of a multiple of 4 KB
+ * an image's store and the next image's load share their low address bits,
+ * and the CPU may hold the load until the store is done (64x1024x1x1 backward
+ * 37 -> 35 us, 1 thread; the forward, whose lanes may be recomputed from the
+ * input, measured no faster that way and took 8 % more instructions). ---- */
 #define ROWS_FC_BLOCK 4
 
 ROWS_INLINE void ROWS(fc_shifted_acc_n)(const float *x, idx_t stride, idx_t rows, const float *k, idx_t n, double *s1,
@@ -544,12 +545,11 @@ ROWS_INLINE void ROWS(fc_forward_n)(const float *in, float *x, float *xn, float 
     for (; j + 8 <= n; j += 8) {
         const rv8f vh = ROWS(ld8)(mh + j), vl = ROWS(ld8)(ml + j), vi = ROWS(ld8)(inv + j);
         const rv8f vg = ROWS(ld8)(g + j), vb = ROWS(ld8)(b + j);
-        rv8f v[ROWS_FC_BLOCK];
-        for (idx_t r = 0; r < rows; r++) v[r] = ROWS(ld8)(in + j + r * stride); /* loads first (above) */
         for (idx_t r = 0, o = j; r < rows; r++, o += stride) {
-            rv8f t = ((v[r] - vh) - vl) * vi, u = t * vg + vb;
+            rv8f v = ROWS(ld8)(in + o);
+            rv8f t = ((v - vh) - vl) * vi, u = t * vg + vb;
             if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + o, mh + j, ml + j, inv + j, g + j, b + j, 1, &t, &u);
-            if (x) ROWS(st8)(x + o, v[r]);
+            if (x) ROWS(st8)(x + o, v);
             if (xn) ROWS(st8)(xn + o, t);
             if (y) ROWS(st8)(y + o, u);
         }
