@@ -79,7 +79,8 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
                     const float *k = in + b0 * F + w.f0;
                     for (idx_t j = 0; j < w.nf; j++) s1[j] = s2[j] = 0;
                     for (idx_t b = 0; b < rows; b += ROWS_FC_BLOCK)
-                        ROWS(fc_shifted_acc)(k + b * F, F, ROWS(min)(rows - b, ROWS_FC_BLOCK), k, w.nf, s1, s2);
+                        ROWS_FC_BLOCKS(ROWS(fc_shifted_acc), ROWS(min)(rows - b, ROWS_FC_BLOCK), k + b * F, F, k, w.nf,
+                                       s1, s2);
                     for (idx_t j = 0; j < w.nf; j++) ROWS(fold_block)(acc[j], (double)rows, k[j], s1[j], s2[j]);
                 }
             }
@@ -105,8 +106,8 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
         } else {
             for (idx_t b = w.j0; b < w.j1; b += ROWS_FC_BLOCK) {
                 idx_t off = b * F + w.f0;
-                ROWS(fc_forward)(in + off, x ? x + off : NULL, xn ? xn + off : NULL, y ? y + off : NULL, F,
-                                 ROWS(min)(w.j1 - b, ROWS_FC_BLOCK), w.nf, mh, ml, inv, g, bt);
+                ROWS_FC_BLOCKS(ROWS(fc_forward), ROWS(min)(w.j1 - b, ROWS_FC_BLOCK), in + off, x ? x + off : NULL,
+                               xn ? xn + off : NULL, y ? y + off : NULL, F, w.nf, mh, ml, inv, g, bt);
             }
         }
     }
@@ -137,7 +138,8 @@ static void ROWS(backward_phase)(void *arg, idx_t lo, idx_t hi)
             } else {
                 for (idx_t im = w.j0; im < w.j1; im += ROWS_FC_BLOCK) {
                     idx_t off = im * F + w.f0;
-                    ROWS(fc_sums_dev)(dy + off, x + off, F, ROWS(min)(w.j1 - im, ROWS_FC_BLOCK), k, w.nf, s, sd);
+                    ROWS_FC_BLOCKS(ROWS(fc_sums_dev), ROWS(min)(w.j1 - im, ROWS_FC_BLOCK), dy + off, x + off, F, k,
+                                   w.nf, s, sd);
                 }
             }
             for (idx_t j = 0; j < w.nf; j++) acc[j][0] = (double)(w.j1 - w.j0), acc[j][1] = s[j], acc[j][2] = sd[j];
@@ -151,8 +153,8 @@ static void ROWS(backward_phase)(void *arg, idx_t lo, idx_t hi)
         } else {
             for (idx_t im = w.j0; im < w.j1; im += ROWS_FC_BLOCK) {
                 idx_t off = im * F + w.f0;
-                ROWS(fc_backward)(out + off, dy + off, x + off, F, ROWS(min)(w.j1 - im, ROWS_FC_BLOCK), w.nf, a, k, b,
-                                  c);
+                ROWS_FC_BLOCKS(ROWS(fc_backward), ROWS(min)(w.j1 - im, ROWS_FC_BLOCK), out + off, dy + off, x + off, F,
+                               w.nf, a, k, b, c);
             }
         }
     }
