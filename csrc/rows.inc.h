@@ -469,12 +469,13 @@ static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const floa
  * two. Their callers pass a full block's length as a constant
  * (ROWS_FC_BLOCKS), for which the compiler makes a copy of each loop whose
  * loop over the block's images unrolls (64x1024x1x1: 6.98 -> 6.47
- * instructions per value forward, 6.88 -> 6.19 backward). The backward loads the block's images before
- * storing any: with a stride of a multiple of 4 KB an image's store and the
- * next image's load share their low address bits, and the CPU may hold the
- * load until the store is done (64x1024x1x1 backward 37 -> 35 us, 1 thread;
- * the forward, whose lanes may be recomputed from the input, measured no
- * faster that way and took 8 % more instructions). ---- */
+ * instructions per value forward, 6.88 -> 6.19 backward). The backward
+ * loads the block's images before storing any: with a stride of a multiple
+ * of 4 KB an image's store and the next image's load share their low address
+ * bits, and the CPU may hold the load until the store is done (64x1024x1x1
+ * backward 37 -> 35 us, 1 thread; the forward, whose lanes may be recomputed
+ * from the input, measured no faster that way and took 8 % more
+ * instructions). ---- */
 #define ROWS_FC_BLOCK 4
 
 /* loop(rows, args...) for a block of `rows` images, a full block's length as

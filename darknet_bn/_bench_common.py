@@ -154,7 +154,10 @@ MIN_REPS = 5
 
 
 def rep_count(reps: Optional[int], budget: float, one_rep: float, max_reps: int) -> int:
-    """``reps`` if given, else as many repetitions of ``one_rep`` seconds as fit in ``budget`` (``MIN_REPS`` to ``max_reps``)."""
+    """``reps`` if given, else as many repetitions of ``one_rep`` seconds as fit in ``budget``.
+
+    Between ``MIN_REPS`` and ``max_reps``.
+    """
     if reps is not None:
         return reps
     return int(min(max_reps, max(MIN_REPS, budget // max(one_rep, 1e-9))))
