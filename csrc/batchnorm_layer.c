@@ -171,16 +171,19 @@ static dnbn_pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float 
 
 /* ---- per-channel numbers ---- */
 
-/* Channel f's statistics from its moments: mean, variance, running stats, and
- * the normalizer kept for the elementwise pass and for backward. */
-static inline void finish_stats(dnbn_layer *l, idx_t f, double m, double mean, double m2)
+/* Channel f's statistics from its moments over m values: mean, variance,
+ * running stats, and the normalizer kept for the elementwise pass and for
+ * backward. per_m = 1/m and per_m1 = 1/(m - 1) come from the caller, once
+ * per call: over many channels this loop waits on the divider, so a channel
+ * divides once, for its normalizer. */
+static inline void finish_stats(dnbn_layer *l, idx_t f, double per_m, double per_m1, double mean, double m2)
 {
-    double unbiased = m2 / (m - 1), var, inv;
+    double unbiased = m2 * per_m1, var, inv;
     if (l->numerics == DNBN_NUMERICS_DARKNET) {
         var = unbiased; /* Darknet quirk: unbiased variance, epsilon outside the root */
         inv = dnbn_pjreddie_forward_inv(var);
     } else {
-        var = m2 / m;
+        var = m2 * per_m;
         inv = 1.0 / sqrt(var + (double)l->eps);
     }
     double mom = l->momentum;
@@ -213,8 +216,9 @@ int dnbn_batchnorm_normalizer(int numerics, double eps, const double *variance, 
 }
 
 /* Channel f's parameter gradients and the coefficients of
- * dx = dy*A + (x - mean)*B + C, from sum dy and sum dy*(x - mean) over count values. */
-static inline void finish_sums(dnbn_layer *l, idx_t f, double count, double sum_dy, double sum_dy_dev)
+ * dx = dy*A + (x - mean)*B + C, from sum dy and sum dy*(x - mean) over
+ * count values, per_count = 1/count (the caller's, as in finish_stats). */
+static inline void finish_sums(dnbn_layer *l, idx_t f, double per_count, double sum_dy, double sum_dy_dev)
 {
     double gamma = l->scales[f], *sc = l->scratch + f * SC_WIDTH, inv = sc[SC_INV];
     l->bias_updates[f] = (float)((double)l->bias_updates[f] + sum_dy);
@@ -228,16 +232,16 @@ static inline void finish_sums(dnbn_layer *l, idx_t f, double count, double sum_
         if (l->mean_delta) l->mean_delta[f] = (float)md;
         if (l->variance_delta) l->variance_delta[f] = (float)vd;
         sc[SC_A] = gamma * r;
-        sc[SC_B] = vd * 2.0 / count;
-        sc[SC_C] = md / count;
+        sc[SC_B] = vd * 2.0 * per_count;
+        sc[SC_C] = md * per_count;
     } else {
         /* exact gradient: dx = gamma*inv*(dy - mean(dy) - x_hat*mean(dy*x_hat)) */
         double a = gamma * inv;
         if (l->mean_delta) l->mean_delta[f] = (float)(-a * sum_dy);
         if (l->variance_delta) l->variance_delta[f] = (float)(-0.5 * a * inv * inv * sum_dy_dev);
         sc[SC_A] = a;
-        sc[SC_B] = -a * inv * inv * sum_dy_dev / count;
-        sc[SC_C] = -a * sum_dy / count;
+        sc[SC_B] = -a * inv * inv * sum_dy_dev * per_count;
+        sc[SC_C] = -a * sum_dy * per_count;
     }
 }
 
@@ -257,12 +261,14 @@ static void record_training(dnbn_layer *l)
  * gradient coefficients (backward). */
 static void keep_channels(const dnbn_pass *p, idx_t f0, idx_t n, double (*acc)[3], idx_t stride)
 {
+    double m = p->count; /* every channel's count: the pass's (a training pass has m >= 2) */
     if (p->sums[0])
         for (idx_t j = 0; j < n; j++) p->sums[0][f0 + j] = acc[j * stride][1], p->sums[1][f0 + j] = acc[j * stride][2];
     else if (p->backward)
-        for (idx_t j = 0; j < n; j++) finish_sums(p->l, f0 + j, p->count, acc[j * stride][1], acc[j * stride][2]);
+        for (idx_t j = 0; j < n; j++) finish_sums(p->l, f0 + j, 1.0 / m, acc[j * stride][1], acc[j * stride][2]);
     else
-        for (idx_t j = 0; j < n; j++) finish_stats(p->l, f0 + j, acc[j * stride][0], acc[j * stride][1], acc[j * stride][2]);
+        for (idx_t j = 0; j < n; j++)
+            finish_stats(p->l, f0 + j, 1.0 / m, 1.0 / (m - 1), acc[j * stride][1], acc[j * stride][2]);
 }
 
 void dnbn_pass_keep(const dnbn_pass *p, idx_t u, dnbn_unit w, double (*acc)[3])
@@ -436,7 +442,7 @@ int dnbn_batchnorm_layer_forward_moments(dnbn_layer *l, float *input, double cou
     if (!layer_ok(l) || !train_buffers_ok(l) || !input || !mean || !m2 || !(count >= 2)) return DNBN_ERR_ARG;
     dnbn_part pt;
     dnbn_pass p = make_pass(l, &pt, 1, input, 3 + (l->keep_x_norm != 0), DNBN_PASS_FORWARD_APPLY);
-    for (idx_t f = 0; f < l->out_c; f++) finish_stats(l, f, count, mean[f], m2[f]);
+    for (idx_t f = 0; f < l->out_c; f++) finish_stats(l, f, 1.0 / count, 1.0 / (count - 1), mean[f], m2[f]);
     p.x = l->x == input ? NULL : l->x;
     p.xn = l->keep_x_norm ? l->x_norm : NULL;
     p.y = l->output;
@@ -472,7 +478,7 @@ int dnbn_batchnorm_layer_backward_apply(dnbn_layer *l, float *delta_in, double c
     dnbn_part pt;
     dnbn_pass p = make_pass(l, &pt, 2, delta_in, 3, DNBN_PASS_BACKWARD_APPLY);
     p.count = count;
-    for (idx_t f = 0; f < l->out_c; f++) finish_sums(l, f, count, sum_dy[f], sum_dy_dev[f]);
+    for (idx_t f = 0; f < l->out_c; f++) finish_sums(l, f, 1.0 / count, sum_dy[f], sum_dy_dev[f]);
     p.backward = p.map = 1;
     dnbn_parallel_for(dnbn_units(&pt), pt.threads, p.r->backward_phase, &p);
     dnbn_trial_end(&p.trial);

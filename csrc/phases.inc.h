@@ -27,11 +27,14 @@
  * moments: bounds the cancellation in sum (x-k)^2 - (sum (x-k))^2 / n. */
 #define ROWS_MOMENT_BLOCK 2048
 
-/* Folds a block of n values with shift k, sums s1 = sum (x-k) and s2 = sum (x-k)^2, into acc = {n, mean, m2}. */
-static inline void ROWS(fold_block)(double acc[3], double n, double k, double s1, double s2)
+/* Folds a block of n values with shift k, sums s1 = sum (x-k) and s2 = sum
+ * (x-k)^2, into acc = {n, mean, m2}; per_n = 1/n, the caller's, once for
+ * many channels where it can (a division per channel is what the per-channel
+ * work waits on when rows are short). */
+static inline void ROWS(fold_block)(double acc[3], double n, double per_n, double k, double s1, double s2)
 {
-    double m2 = s2 - s1 * (s1 / n);
-    double block[3] = {n, k + s1 / n, m2 < 0 ? 0 : m2};
+    double d = s1 * per_n, m2 = s2 - s1 * d;
+    double block[3] = {n, k + d, m2 < 0 ? 0 : m2};
     dnbn_moments_merge(acc, block);
 }
 
@@ -65,13 +68,13 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
                         ROWS(shifted_sums)(in + r.off + i, m, k[j], &s1[j], &s2[j]);
                         i += m;
                         if ((n[j] += m) == ROWS_MOMENT_BLOCK) {
-                            ROWS(fold_block)(acc[j], (double)n[j], k[j], s1[j], s2[j]);
+                            ROWS(fold_block)(acc[j], (double)n[j], 1.0 / (double)n[j], k[j], s1[j], s2[j]);
                             n[j] = 0, s1[j] = s2[j] = 0;
                         }
                     }
                 }
                 for (idx_t j = 0; j < w.nf; j++)
-                    if (n[j]) ROWS(fold_block)(acc[j], (double)n[j], k[j], s1[j], s2[j]);
+                    if (n[j]) ROWS(fold_block)(acc[j], (double)n[j], 1.0 / (double)n[j], k[j], s1[j], s2[j]);
             } else { /* blocks of images share a shift, the block's first image */
                 double s1[DNBN_MAX_GROUP], s2[DNBN_MAX_GROUP];
                 for (idx_t b0 = w.j0; b0 < w.j1; b0 += ROWS_MOMENT_BLOCK) {
@@ -81,7 +84,9 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
                     for (idx_t b = 0; b < rows; b += ROWS_FC_BLOCK)
                         ROWS_FC_BLOCKS(ROWS(fc_shifted_acc), ROWS(min)(rows - b, ROWS_FC_BLOCK), k + b * F, F, k, w.nf,
                                        s1, s2);
-                    for (idx_t j = 0; j < w.nf; j++) ROWS(fold_block)(acc[j], (double)rows, k[j], s1[j], s2[j]);
+                    double per_rows = 1.0 / (double)rows;
+                    for (idx_t j = 0; j < w.nf; j++)
+                        ROWS(fold_block)(acc[j], (double)rows, per_rows, k[j], s1[j], s2[j]);
                 }
             }
             dnbn_pass_keep(p, u, w, acc);
