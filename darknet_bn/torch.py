@@ -106,6 +106,7 @@ import functools
 import itertools
 import math
 import os
+import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 try:
@@ -181,14 +182,15 @@ def _dims(x: torch.Tensor) -> Tuple[int, int, int, int]:
     A channels-last (N, C, H, W) tensor is an (N*H*W) x C matrix in memory: the
     C layer's spatial == 1 case, with N*H*W rows (docs/reference.md §2).
     """
-    n, c = x.shape[0], x.shape[1]
-    if _channels_last(x):
-        return n * x.shape[2] * x.shape[3], c, 1, 1
-    if x.dim() == 2:
+    shape = x.shape
+    n, c, dims = shape[0], shape[1], len(shape)
+    if dims == 2:
         return n, c, 1, 1
-    if x.dim() == 3:
-        return n, c, 1, x.shape[2]
-    return n, c, x.shape[2], math.prod(x.shape[3:])
+    if dims == 3:
+        return n, c, 1, shape[2]
+    if _channels_last(x):
+        return n * shape[2] * shape[3], c, 1, 1
+    return n, c, shape[2], math.prod(shape[3:])
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,34 +225,59 @@ def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias
     return True
 
 
+# The dnbn_layer fields _new_layer writes, in the struct's order; the others stay zero: delta,
+# scale_updates and bias_updates (set in backward), x_norm (never touched with keep_x_norm = 0),
+# keep_x_norm, state, trained, x_norm_current and memory.
+_LAYER_FIELDS = ("batch", "out_c", "out_h", "out_w", "outputs", "output", "x", "scales", "biases", "mean",
+                 "variance", "rolling_mean", "rolling_variance", "mean_delta", "variance_delta", "numerics", "eps",
+                 "momentum", "scratch")
+
+
+def _layer_packer(names: Tuple[str, ...] = _LAYER_FIELDS) -> struct.Struct:
+    """A ``struct.Struct`` writing ``names`` of a ``dnbn_layer`` at the C struct's offsets (pointers as addresses).
+
+    Built from cffi's description of the struct, so it follows
+    ``csrc/darknet_bn.h``. One ``pack_into`` costs about what two field
+    assignments through cffi do.
+    """
+    fields = dict(ffi.typeof("dnbn_layer").fields)
+    fmt, pos = "=", 0
+    for name in names:
+        field = fields[name]
+        code = "Q" if field.type.kind == "pointer" else {"int": "i", "float": "f"}[field.type.cname]
+        if field.offset < pos or struct.calcsize("=" + code) != ffi.sizeof(field.type):
+            raise RuntimeError(f"dnbn_layer.{name}: not where darknet_bn.torch expects it")
+        fmt += "x" * (field.offset - pos) + code
+        pos = field.offset + ffi.sizeof(field.type)
+    return struct.Struct(fmt)
+
+
+_LAYER_PACK = _layer_packer()
+_LAYER_SIZE = ffi.sizeof("dnbn_layer")
+_STANDARD = int(lib.DNBN_NUMERICS_STANDARD)
+
+
 def _new_layer(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
-               rolling_mean: torch.Tensor, rolling_var: torch.Tensor, stats: torch.Tensor,
-               scratch: torch.Tensor, eps: float, momentum: float) -> Any:
+               rolling_mean: torch.Tensor, rolling_var: torch.Tensor, work: torch.Tensor, eps: float,
+               momentum: float) -> Any:
     """A caller-filled ``dnbn_layer`` in standard numerics over the given tensors' memory.
 
-    ``stats`` holds mean, variance, mean_delta, variance_delta (4*C floats);
-    ``scratch`` DNBN_SCRATCH_DOUBLES*C doubles. The numerics, eps and
-    momentum are set as fields: ``dnbn_batchnorm_layer_set_numerics`` would reset
-    the running statistics, which here are the module's buffers.
+    ``work`` (float64, (DNBN_SCRATCH_DOUBLES + 2)*C) holds the scratch, then
+    mean, variance, mean_delta and variance_delta as rows of C floats. The
+    numerics, eps and momentum are set as fields:
+    ``dnbn_batchnorm_layer_set_numerics`` would reset the running statistics,
+    which here are the module's buffers. The struct lives in a bytearray that
+    the returned cdata keeps alive.
     """
     n, c, h, w = _dims(x)
-    # ffi.new zero-fills: x_norm (never touched with keep_x_norm = 0), delta,
-    # scale_updates and bias_updates (set in backward), keep_x_norm, state and
-    # memory stay NULL / 0.
-    layer = ffi.new("dnbn_layer *")
-    layer.batch, layer.out_c, layer.out_h, layer.out_w, layer.outputs = n, c, h, w, c * h * w
-    layer.output = _fp(out)
-    layer.x = _fp(x)  # the input itself: forward does not copy it
-    layer.scales, layer.biases = _fp(scales), _fp(biases)
-    layer.rolling_mean, layer.rolling_variance = _fp(rolling_mean), _fp(rolling_var)
-    row = stats.data_ptr()  # stats is contiguous (4, c): its rows c floats apart
-    layer.mean, layer.variance = ffi.cast("float *", row), ffi.cast("float *", row + 4 * c)
-    layer.mean_delta, layer.variance_delta = ffi.cast("float *", row + 8 * c), ffi.cast("float *", row + 12 * c)
-    layer.numerics = lib.DNBN_NUMERICS_STANDARD
-    layer.eps = eps
-    layer.momentum = momentum
-    layer.scratch = _dp(scratch)
-    return layer
+    scratch = work.data_ptr()
+    row = scratch + 8 * _SCRATCH * c  # the statistics' rows, 4c bytes apart
+    memory = bytearray(_LAYER_SIZE)
+    _LAYER_PACK.pack_into(memory, 0, n, c, h, w, c * h * w, out.data_ptr(),
+                          x.data_ptr(),  # the input itself: forward does not copy it
+                          scales.data_ptr(), biases.data_ptr(), row, row + 4 * c, rolling_mean.data_ptr(),
+                          rolling_var.data_ptr(), row + 8 * c, row + 12 * c, _STANDARD, eps, momentum, scratch)
+    return ffi.from_buffer("dnbn_layer *", memory)
 
 
 def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -264,13 +291,12 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     rolling_mean = running_mean if tracked else torch.zeros(c)
     rolling_var = running_var if tracked else torch.ones(c)
     out = torch.empty_like(x, memory_format=torch.preserve_format)  # x's layout, contiguous or NHWC
-    stats = torch.empty(4, c, dtype=torch.float32)
-    scratch = torch.empty(c * _SCRATCH, dtype=torch.float64)
-    layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, stats, scratch, float(eps),
+    work = torch.empty((_SCRATCH + 2) * c, dtype=torch.float64)  # scratch, then the 4 rows of statistics
+    layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, work, float(eps),
                        float(momentum) if training and tracked else 0.0)
     net = ffi.new("dnbn_network *", {"input": _fp(x), "delta": ffi.NULL, "train": 1 if training else 0})
     check(lib.dnbn_forward_batchnorm_layer(layer, net[0]), "darknet_bn.torch batch_norm forward")
-    return out, layer, (scales, stats, scratch)
+    return out, layer, (scales, work)
 
 
 def _channel_shape(x: torch.Tensor) -> List[int]:
@@ -339,7 +365,7 @@ def _graph_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
     """
     if ctx.training:
         c = x.shape[1]
-        sc = ctx.keep[2].view(c, _SCRATCH)
+        sc = ctx.keep[1][:_SCRATCH * c].view(c, _SCRATCH)
         save_mean, save_invstd = sc[:, _SC_MEAN].float(), sc[:, _SC_INV].float()
         running_mean = running_var = None
     else:
@@ -355,7 +381,7 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
                     need_x: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """The C layer's exact backward of its training forward: (dx or None, dweight, dbias)."""
     layer = ctx.layer
-    scales, stats, scratch = ctx.keep
+    scales, work = ctx.keep
     c = x.shape[1]
     # The saved tensors are the ones forward pointed at (autograd checked their versions).
     layer.x = _fp(x)
@@ -376,7 +402,7 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
     sums = torch.empty(2, c, dtype=torch.float64)
     check(lib.dnbn_batchnorm_layer_backward_sums(layer, _fp(dy), _dp(sums[0]), _dp(sums[1])),
           "darknet_bn.torch batch_norm backward")
-    inv = scratch.view(c, _SCRATCH)[:, _SC_INV]
+    inv = work[:_SCRATCH * c].view(c, _SCRATCH)[:, _SC_INV]
     return None, (sums[1] * inv).float(), sums[0].float()
 
 
@@ -459,13 +485,14 @@ class _DarknetBatchNorm:
                     factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
                 else:
                     factor = self.momentum  # type: ignore[attr-defined]
+        # buffers and parameters read once each (a Module attribute lookup costs about half a microsecond)
+        running_mean, running_var = self.running_mean, self.running_var  # type: ignore[attr-defined]
         if self.training:
             bn_training = True
         else:
-            bn_training = self.running_mean is None and self.running_var is None  # type: ignore[attr-defined]
-        use_buffers = not self.training or self.track_running_stats  # type: ignore[attr-defined]
-        running_mean = self.running_mean if use_buffers else None  # type: ignore[attr-defined]
-        running_var = self.running_var if use_buffers else None  # type: ignore[attr-defined]
+            bn_training = running_mean is None and running_var is None
+        if self.training and not self.track_running_stats:  # type: ignore[attr-defined]
+            running_mean = running_var = None
         if torch.jit.is_scripting():
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,  # type: ignore
                                 bn_training, factor, self.eps)  # type: ignore[attr-defined]
