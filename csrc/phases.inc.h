@@ -106,8 +106,11 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
                                         ml[j], inv[j], g[j], bt[j], stream);
             }
         } else if (light) {
-            for (idx_t off = w.j0 * F + w.f0, end = w.j1 * F; off < end; off += F)
-                ROWS(v_forward_infer)(in + off, y + off, w.nf, mh, ml, inv, g, bt);
+            for (idx_t b = w.j0; b < w.j1; b += ROWS_FC_BLOCK) {
+                idx_t off = b * F + w.f0;
+                ROWS_FC_BLOCKS(ROWS(fc_forward_infer), ROWS(min)(w.j1 - b, ROWS_FC_BLOCK), in + off, y + off, F, w.nf,
+                               mh, ml, inv, g, bt);
+            }
         } else {
             for (idx_t b = w.j0; b < w.j1; b += ROWS_FC_BLOCK) {
                 idx_t off = b * F + w.f0;

@@ -447,19 +447,6 @@ static void ROWS(v_sum_dot_dev)(const float *d, const float *x, const float *k, 
     }
 }
 
-static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const float *mh, const float *ml,
-                                  const float *inv, const float *g, const float *b)
-{
-    idx_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        rv8f t = ((ROWS(ld8)(in + j) - ROWS(ld8)(mh + j)) - ROWS(ld8)(ml + j)) * ROWS(ld8)(inv + j);
-        rv8f u = t * ROWS(ld8)(g + j) + ROWS(ld8)(b + j);
-        if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + j, mh + j, ml + j, inv + j, g + j, b + j, 1, &t, &u);
-        ROWS(st8)(y + j, u);
-    }
-    for (float unused; j < n; j++) ROWS(norm1)(in[j], mh[j], ml[j], inv[j], g[j], b[j], &unused, &y[j]);
-}
-
 /* ---- channel-vector loops over a block of images (spatial == 1): the
  * per-channel parameters and sums of a few channels are loaded once per block
  * and the block's images taken one after another, so each channel's
@@ -563,6 +550,28 @@ ROWS_OUTLINE void ROWS(fc_forward)(idx_t rows, const float *in, float *x, float 
         }
 }
 
+/* y = ((in - mh) - ml) * inv * g + b (y may be in): the inference pass, and a
+ * training forward that keeps neither x nor x_norm. */
+ROWS_OUTLINE void ROWS(fc_forward_infer)(idx_t rows, const float *in, float *y, idx_t stride, idx_t n, const float *mh,
+                                         const float *ml, const float *inv, const float *g, const float *b)
+{
+    idx_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const rv8f vh = ROWS(ld8)(mh + j), vl = ROWS(ld8)(ml + j), vi = ROWS(ld8)(inv + j);
+        const rv8f vg = ROWS(ld8)(g + j), vb = ROWS(ld8)(b + j);
+        for (idx_t r = 0, o = j; r < rows; r++, o += stride) {
+            rv8f t = ((ROWS(ld8)(in + o) - vh) - vl) * vi, u = t * vg + vb;
+            if (ROWS(any_nonfinite)(u)) ROWS(norm8)(in + o, mh + j, ml + j, inv + j, g + j, b + j, 1, &t, &u);
+            ROWS(st8)(y + o, u);
+        }
+    }
+    for (; j < n; j++)
+        for (idx_t r = 0, o = j; r < rows; r++, o += stride) {
+            float unused;
+            ROWS(norm1)(in[o], mh[j], ml[j], inv[j], g[j], b[j], &unused, &y[o]);
+        }
+}
+
 /* out = dy * a + (x - k) * b + c, in double (out may be dy). */
 ROWS_OUTLINE void ROWS(fc_backward)(idx_t rows, float *out, const float *dy, const float *x, idx_t stride, idx_t n,
                                     const double *a, const double *k, const double *b, const double *c)
@@ -591,6 +600,12 @@ ROWS_OUTLINE void ROWS(fc_backward)(idx_t rows, float *out, const float *dy, con
 static void ROWS(v_shifted_acc)(const float *x, const float *k, idx_t n, double *s1, double *s2)
 {
     ROWS(fc_shifted_acc)(1, x, 0, k, n, s1, s2);
+}
+
+static void ROWS(v_forward_infer)(const float *in, float *y, idx_t n, const float *mh, const float *ml,
+                                  const float *inv, const float *g, const float *b)
+{
+    ROWS(fc_forward_infer)(1, in, y, 0, n, mh, ml, inv, g, b);
 }
 
 static void ROWS(v_backward_apply)(float *out, const float *dy, const float *x, idx_t n, const double *a,
