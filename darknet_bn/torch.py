@@ -153,7 +153,7 @@ def _dp(t: torch.Tensor) -> Any:
 
 def _plain_cpu_f32(t: torch.Tensor) -> bool:
     """A real tensor (not a subclass or wrapper) of float32 values in CPU memory, strided."""
-    if type(t) not in _PLAIN_TYPES or t.dtype != torch.float32 or not t.is_cpu or t.layout != torch.strided:
+    if type(t) not in _PLAIN_TYPES or t.dtype is not torch.float32 or not t.is_cpu or t.layout is not torch.strided:
         return False
     if _is_wrapped is not None and _is_wrapped(t):
         return False
@@ -209,8 +209,9 @@ def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias
     n, c, h, w = _dims(input)
     if n > _INT_MAX or c * h > _INT_MAX or c * h * w > _INT_MAX:
         return False
-    if not all(_per_channel_ok(t, c) for t in (weight, bias, running_mean, running_var)):
-        return False
+    for t in (weight, bias, running_mean, running_var):
+        if not _per_channel_ok(t, c):
+            return False
     if (running_mean is None) != (running_var is None):
         return False
     if not training and running_mean is None:
