@@ -66,6 +66,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._graph_break import graph_break
 from ._lib import check, ffi, lib
 from .distributed import Communicator, TorchCommunicator, as_communicator, sync_backward_sums, sync_moments
 from .errors import ArgumentError, ArgumentTypeError
@@ -273,7 +274,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-@torch.compiler.disable
+@graph_break
 def _sync_batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float,
                      momentum: float, comm: Communicator, num_features: int) -> torch.Tensor:

@@ -82,8 +82,10 @@ Tools that take a model apart:
   (``torch.nn.functional.batch_norm``, same results; the C layer cannot run
   in TorchScript). ``torch.jit.trace`` records PyTorch's batch norm too.
 * ``torch.compile``: :func:`batch_norm` is a graph break
-  (``torch.compiler.disable``): it runs eagerly with the C kernels, the rest of
-  the model is compiled (so ``fullgraph=True`` cannot be used).
+  (``torch.compiler.disable``, applied when a compiled graph first reaches it,
+  so that importing this module does not import ``torch._dynamo``): it runs
+  eagerly with the C kernels, the rest of the model is compiled (so
+  ``fullgraph=True`` cannot be used).
 * ``torch.fx.symbolic_trace``: the modules are leaves, as ``torch.nn``'s are
   (a ``call_module`` node; the traced ``GraphModule`` runs the C layer).
   Tracing a batch norm as the root module fails, as for ``torch.nn``'s.
@@ -123,6 +125,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 import numpy as np
 
 from . import fold as _fold
+from ._graph_break import graph_break
 from ._lib import check, ffi, lib
 from ._openmp_team import use_openmp_team
 
@@ -424,7 +427,7 @@ def _eval_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], dy
     return dx, dw, db
 
 
-@torch.compiler.disable
+@graph_break
 def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:

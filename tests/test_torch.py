@@ -498,3 +498,14 @@ def test_import_without_torch_and_lazy_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "darknet_bn.torch needs PyTorch" in out.stdout
+
+
+def test_import_leaves_torch_dynamo_alone():
+    """Importing darknet_bn.torch does not import torch._dynamo (the graph break is made when first compiled)."""
+    code = ("import sys, torch; assert 'torch._dynamo' not in sys.modules\n"
+            "import darknet_bn.torch as dbt\n"
+            "y = dbt.BatchNorm2d(3)(torch.randn(4, 3, 2, 2))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
