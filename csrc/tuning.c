@@ -385,7 +385,7 @@ int dnbn_trial_begin(dnbn_trial *trial, int pass, idx_t bytes, int threads, int 
     stream_slot *e = &streaming.slot[s];
     e->grouped |= group_free; /* calls of other layers in the same class may not be grouped: they try no size */
     if (e->decided == STREAM_FIXED && stream_free) e->decided = -1; /* auto (again): time the stores */
-    if (e->decided == -1) {
+    if (e->decided == -1 && stream_free) {
         /* A block of plain calls, then one of streaming calls, the first
          * calls of each untimed: a call's time depends on what the calls
          * before it left in the caches (measured: after streaming calls the
@@ -396,8 +396,13 @@ int dnbn_trial_begin(dnbn_trial *trial, int pass, idx_t bytes, int threads, int 
         trial->stream = call >= plain_calls;
         int warm = trial->stream ? call < plain_calls + STREAM_STREAM_WARM : call < STREAM_PLAIN_WARM;
         if (!warm) trial->slot = s, trial->timing = DNBN_TIMING_STREAM;
-    } else {
-        trial->stream = e->decided == STREAM_FIXED ? fixed_stream : e->decided;
+    } else if (e->decided != -1) {
+        /* a class decided on layers whose rows are whole lines streams
+         * only those: partly streamed lines are slow on both kinds of store
+         * (measured: 16x512x13x13's training forward keeping x_norm, 22 MB,
+         * in the class 8x128x52x52's forward had decided to stream, 4-5x
+         * slower than with plain stores) */
+        trial->stream = e->decided == STREAM_FIXED ? fixed_stream : e->decided && layout_ok;
         if (e->group < 0 && group_free) { /* then the group sizes, in turn, with the stores kept */
             int call = e->group_calls++, c = call / GROUP_TRIAL_CALLS;
             if (c >= GROUP_CHOICES) c = 0; /* calls from other threads while the last timings run */
@@ -407,7 +412,8 @@ int dnbn_trial_begin(dnbn_trial *trial, int pass, idx_t bytes, int threads, int 
         } else if (e->group > 0 && grouped) {
             trial->group_bytes >>= e->group;
         }
-    }
+    } /* else the stores are being timed on other layers' calls, and this one
+       * cannot stream (its rows are not whole lines): plain, untimed */
     pthread_mutex_unlock(&streaming.lock);
     if (trial->slot >= 0) trial->start = now_ns();
     return trial->stream;

@@ -1952,6 +1952,47 @@ static double report_number(const char *report, const char *key)
     return at ? atof(at + strlen(pattern)) : -1;
 }
 
+/* A size class's store choice is shared by the layers whose passes fall in it, but only a layer whose
+ * rows are whole 64-byte lines (layout_ok) may stream: a row that starts or ends inside a line would be
+ * written partly by streaming and partly by plain stores. Driven through dnbn_trial_begin/end directly,
+ * in classes no layer of these tests uses, with each plain trial call made 2 ms long so that the
+ * streaming trials win; the other layer's calls are grouped ones (an NCHW layer with at least as many
+ * channels as threads), which take part in the class's group-size trials. */
+static void test_stream_whole_lines_only(const char *tn)
+{
+    const int pass = DNBN_PASS_BACKWARD_APPLY, threads = 1;
+    const idx_t decided = (idx_t)1 << 40, trying = (idx_t)1 << 41;
+    dnbn_trial t;
+    int calls = 0;
+    for (; calls < 40; calls++) { /* until the class has decided: the first call left untimed after it */
+        int stream = dnbn_trial_begin(&t, pass, decided, threads, 1, 0);
+        int timed = t.slot >= 0;
+        if (!stream) wait_ms(2);
+        dnbn_trial_end(&t);
+        if (!timed && stream && calls > 8) break;
+    }
+    check_true(tn, "trials: a class of whole-line layers decides to stream (plain calls made slower)", calls < 40);
+    check_int(tn, "decided: a whole-line layer streams", dnbn_trial_begin(&t, pass, decided, threads, 1, 0), 1);
+    dnbn_trial_end(&t);
+    check_int(tn, "decided: a layer whose rows are not whole lines does not",
+              dnbn_trial_begin(&t, pass, decided, threads, 0, 1), 0);
+    dnbn_trial_end(&t);
+    /* while the class is trying: after its plain trial calls, a call that cannot stream stays plain and
+     * untimed, and the whole-line layer's next call is still the first streaming one */
+    for (int k = 0; k < 5; k++) {
+        dnbn_trial_begin(&t, pass, trying, threads, 1, 0);
+        dnbn_trial_end(&t);
+    }
+    check_int(tn, "trying: a layer whose rows are not whole lines does not stream",
+              dnbn_trial_begin(&t, pass, trying, threads, 0, 1), 0);
+    check_true(tn, "trying: nor is it timed", t.slot < 0);
+    dnbn_trial_end(&t);
+    check_int(tn, "trying: the whole-line layer's streaming trials start",
+              dnbn_trial_begin(&t, pass, trying, threads, 1, 0), 1);
+    check_true(tn, "trying: its first streaming call untimed (a warm-up)", t.slot < 0);
+    dnbn_trial_end(&t);
+}
+
 /* The machine-dependent choices: the thread threshold is calibrated at the first parallel call (measured
  * wake-up), the report is well formed and says so, and streaming stores change no value. */
 static void test_tuning(void)
@@ -2053,6 +2094,7 @@ static void test_tuning(void)
     free(in);
     free(dy);
     dnbn_free_batchnorm_layer(l);
+    test_stream_whole_lines_only(tn);
     dnbn_set_num_threads(saved);
     /* the rest of the tests name work splits: a fixed threshold, the same on every machine */
     dnbn_tuning_set_min_work(65536);
