@@ -68,6 +68,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._graph_break import graph_break
 from ._lib import check, ffi, lib
+from ._saved_tensors import as_saved
 from .distributed import Communicator, TorchCommunicator, as_communicator, sync_backward_sums, sync_moments
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -226,7 +227,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         )
         check(lib.dnbn_batchnorm_layer_forward_moments(s.layer, s.pointer(x), count, _dp(g_mean), _dp(g_m2)), step)
         s.keep_for_backward()
-        ctx.struct, ctx.comm, ctx.count = s, comm, count
+        ctx.struct, ctx.comm, ctx.count, ctx.shape = s, comm, count, x.shape
         ctx.save_for_backward(x, weight)
         if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
             return out.contiguous(memory_format=torch.channels_last)
@@ -236,9 +237,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         step = "SyncBatchNorm.backward"
-        x, weight = ctx.saved_tensors
         s: _Struct = ctx.struct
         c = s.c
+        x, weight = ctx.saved_tensors  # forward saved x contiguous (NCHW)
+        x = as_saved(x, ctx.shape, torch.contiguous_format, "input")
+        weight = None if weight is None else as_saved(weight, (c,), torch.contiguous_format, "weight")
         sum_dy, sum_dy_dev = np.zeros(c, np.float64), np.zeros(c, np.float64)
         failure: Optional[BaseException] = None
         dy = grad_output

@@ -50,11 +50,20 @@ What goes to PyTorch's own ``torch.nn.functional.batch_norm`` instead (same
 results, PyTorch's speed): an input that is not a float32 CPU tensor (float64,
 half, bfloat16, CUDA, meta, ...), tensor subclasses and functorch/functional
 wrappers (``torch.func``), TorchScript scripting and tracing, forward-mode
-AD (inside ``torch.autograd.forward_ad.dual_level()``), parameters or running statistics that are not float32
+AD (inside ``torch.autograd.forward_ad.dual_level()``), calls under a Python
+dispatch mode (``make_fx``, ``FakeTensorMode``, ``FlopCounterMode``: the mode
+sees PyTorch's batch norm op), parameters or running statistics that are not float32
 CPU tensors of ``num_features`` elements (or are non-contiguous), a momentum
 outside [0, 1] or an eps that is not positive in float32, sizes beyond a C
 ``int``, empty inputs and training with fewer than 2 values per channel (PyTorch
 raises its own error for that).
+
+Backward reads the tensors autograd saved as forward left them; a
+saved-tensor hook (``save_on_cpu``, ``saved_tensors_hooks``) that hands them
+back in another layout, dtype or as an expanded view gets them copied to the
+forward's layout first (``darknet_bn._saved_tensors``). Every tensor the C
+layer writes is allocated as float32 (float64 scratch) on the CPU explicitly,
+whatever ``torch.set_default_dtype`` or a ``with torch.device(...)`` block says.
 
 Memory formats: a contiguous input is used in place, and so is a
 ``channels_last`` one: in memory it is an (N*H*W) x C matrix, which the C
@@ -114,6 +123,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 try:
     import torch
     import torch.fx
+    import torch.utils._python_dispatch
     import torch.nn.functional as F
     from torch.autograd import forward_ad as _forward_ad
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
@@ -128,6 +138,7 @@ from . import fold as _fold
 from ._graph_break import graph_break
 from ._lib import check, ffi, lib
 from ._openmp_team import use_openmp_team
+from ._saved_tensors import PLAIN_TYPES as _PLAIN_TYPES, as_saved
 
 # the calls run on PyTorch's OpenMP team when it has more than one thread (DARKNET_BN_TEAM=pool: darknet_bn's
 # own pool); not in a forked child (darknet_bn._openmp_team)
@@ -139,9 +150,9 @@ _INT_MAX = 2**31 - 1
 _SCRATCH = int(lib.DNBN_SCRATCH_DOUBLES)
 _SC_MEAN = int(lib.DNBN_SCRATCH_MEAN)  # scratch row: [mean, normalizer, backward's] (csrc/darknet_bn.h)
 _SC_INV = int(lib.DNBN_SCRATCH_INV)
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _is_functional = getattr(torch, "_is_functional_tensor", None)
+_dispatch_mode = getattr(torch.utils._python_dispatch, "_get_current_dispatch_mode", None)
 
 
 def _fp(t: torch.Tensor) -> Any:
@@ -207,6 +218,8 @@ def _servable(input: Any, running_mean: Any, running_var: Any, weight: Any, bias
     """Whether the C layer can compute this call (see the module docstring for what cannot)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or getattr(_forward_ad, "_current_level", -1) >= 0:
         return False
+    if _dispatch_mode is not None and _dispatch_mode() is not None:
+        return False  # make_fx, FakeTensorMode, FlopCounterMode...: the mode must see a batch norm op
     if not isinstance(input, torch.Tensor) or not _plain_cpu_f32(input) or input.dim() < 2 or input.numel() == 0:
         return False
     n, c, h, w = _dims(input)
@@ -289,13 +302,15 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
              momentum: float, eps: float) -> Tuple[torch.Tensor, Any, Tuple[torch.Tensor, ...]]:
     """The C layer's forward: (output, the layer struct, the tensors its pointers need alive)."""
     c = x.shape[1]
-    scales = weight if weight is not None else torch.ones(c)
-    biases = bias if bias is not None else torch.zeros(c)
+    scales = weight if weight is not None else torch.ones(c, dtype=torch.float32, device="cpu")
+    biases = bias if bias is not None else torch.zeros(c, dtype=torch.float32, device="cpu")
     tracked = running_mean is not None and running_var is not None
-    rolling_mean = running_mean if tracked else torch.zeros(c)
-    rolling_var = running_var if tracked else torch.ones(c)
+    rolling_mean = running_mean if tracked else torch.zeros(c, dtype=torch.float32, device="cpu")
+    rolling_var = running_var if tracked else torch.ones(c, dtype=torch.float32, device="cpu")
     out = torch.empty_like(x, memory_format=torch.preserve_format)  # x's layout, contiguous or NHWC
-    work = torch.empty((_SCRATCH + 2) * c, dtype=torch.float64)  # scratch, then the 4 rows of statistics
+    # Every tensor C reads or writes gets its dtype and device here, not from
+    # torch.set_default_dtype or a `with torch.device(...)` block around the call.
+    work = torch.empty((_SCRATCH + 2) * c, dtype=torch.float64, device="cpu")  # scratch, then 4 rows of statistics
     layer = _new_layer(x, out, scales, biases, rolling_mean, rolling_var, work, float(eps),
                        float(momentum) if training and tracked else 0.0)
     net = ffi.new("dnbn_network *", {"input": _fp(x), "delta": ffi.NULL, "train": 1 if training else 0})
@@ -322,6 +337,7 @@ class _BatchNormFunction(torch.autograd.Function):
         out, layer, keep = _forward(x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = bool(training)
         ctx.eps = float(eps)
+        ctx.shape, ctx.layout = x.shape, torch.channels_last if _channels_last(x) else torch.contiguous_format
         ctx.save_for_backward(x, weight)
         if training:
             # Backward reads x, scales and the scratch (batch mean and normalizer)
@@ -348,6 +364,8 @@ class _BatchNormFunction(torch.autograd.Function):
             # create_graph=True: the gradient must itself be differentiable.
             dx, dw, db = _graph_backward(ctx, x, weight, dy, need_x, need_w, need_b)
         elif ctx.training:
+            x = as_saved(x, ctx.shape, ctx.layout, "input")
+            weight = None if weight is None else as_saved(weight, ctx.shape[1:2], torch.contiguous_format, "weight")
             dx, dw, db = _train_backward(ctx, x, weight, _same_layout(dy, x), need_x)
         else:
             dx, dw, db = _eval_backward(ctx, x, weight, _same_layout(dy, x), need_x, need_w, need_b)
@@ -394,7 +412,7 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
         dx = torch.empty_like(x, memory_format=torch.preserve_format)
         # backward accumulates (+=) into the updates: they start at zero. Two
         # tensors, not views of one, as they become weight.grad and bias.grad.
-        dw, db = torch.zeros(c), torch.zeros(c)
+        dw, db = torch.zeros(c, dtype=torch.float32, device="cpu"), torch.zeros(c, dtype=torch.float32, device="cpu")
         layer.delta = _fp(dx)
         layer.scale_updates, layer.bias_updates = _fp(dw), _fp(db)
         try:
@@ -403,7 +421,7 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
             layer.delta = layer.scale_updates = layer.bias_updates = ffi.NULL
         return dx, dw, db
     # Only the parameters' gradients: the sums phase alone (no pass writing dx).
-    sums = torch.empty(2, c, dtype=torch.float64)
+    sums = torch.empty(2, c, dtype=torch.float64, device="cpu")
     check(lib.dnbn_batchnorm_layer_backward_sums(layer, _fp(dy), _dp(sums[0]), _dp(sums[1])),
           "darknet_bn.torch batch_norm backward")
     inv = work[:_SCRATCH * c].view(c, _SCRATCH)[:, _SC_INV]

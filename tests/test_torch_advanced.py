@@ -1,5 +1,6 @@
 """darknet_bn.torch at the edges: copies and checkpoints, double backward, TorchScript, tracing,
-torch.compile, torch.fx and quantization fusion, each against torch.nn.BatchNorm1d/2d.
+torch.compile, torch.fx and quantization fusion, saved-tensor hooks, the default dtype, device
+contexts and dispatch modes, each against torch.nn.BatchNorm1d/2d.
 
 Tolerances. Float32 tensors are compared elementwise with
 |got - want| <= 2e-5*|want| + 2e-5 (``RTOL``/``ATOL``, as tests/test_torch.py:
@@ -721,3 +722,141 @@ def test_first_order_backward_returns_c_results(monkeypatch):
     xx = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(mine(xx).pow(2).sum(), xx, create_graph=True)
     assert gx.requires_grad
+
+
+# --------------------------------------------------------------------------- 5. what hooks and modes hand back
+
+def _expand_constant_pack(t):
+    """A saved-tensor pack that keeps a tensor of one repeated value as that value (unpacked as a stride-0 view)."""
+    if t.numel() > 1 and bool((t == t.flatten()[0]).all()):
+        return ("const", t.flatten()[:1].clone(), t.shape)
+    return ("full", t)
+
+
+SAVED_HOOKS = {
+    "save_on_cpu": lambda: torch.autograd.graph.save_on_cpu(),
+    "to_channels_last": lambda: torch.autograd.graph.saved_tensors_hooks(
+        lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t, lambda t: t),
+    "to_contiguous": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t),
+    "expand_constant": lambda: torch.autograd.graph.saved_tensors_hooks(
+        _expand_constant_pack, lambda p: p[1].expand(p[2]) if p[0] == "const" else p[1]),
+}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("hook", sorted(SAVED_HOOKS))
+def test_saved_tensor_hooks_other_layout_match_torch(hook, layout, paths):
+    """Saved tensors handed back in another layout, or as a stride-0 view, give PyTorch's gradients (C path)."""
+    shape = (5, 6, 7, 9)
+    x = data(shape, seed=11)
+    if hook == "expand_constant":
+        x = torch.full(shape, 0.75)  # every channel constant: the whole input saved as one value
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = data(shape, seed=12, offset=0.5)
+    results = []
+    for module in pair("BatchNorm2d", 6, seed=3):
+        xx = x.clone().requires_grad_()
+        with SAVED_HOOKS[hook]():
+            y = module(xx)
+        y.backward(dy)
+        results.append((y, xx.grad, module.weight.grad, module.bias.grad))
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), results[1], results[0]):
+        close(got, want, f"{hook}, {layout}: {name}")
+    assert paths["train_backward"] == 1
+
+
+def test_saved_tensor_hook_of_another_shape_is_an_error():
+    """A hook that hands back a tensor of another shape gets an error naming it, not a read past its end."""
+    x = data((4, 3, 5, 5), seed=2).requires_grad_()
+    bn = dbt.BatchNorm2d(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t[:2] if t.dim() == 4 else t):
+        y = bn(x)
+    with pytest.raises(RuntimeError, match=r"saved input came back from a saved-tensor hook with shape \(2, 3, 5"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_sync_batchnorm_saved_tensor_hooks_match_torch(layout):
+    """SyncBatchNorm on 2 thread ranks under a hook that changes the saved input's layout: PyTorch's gradients."""
+    from _dist_threads import run_ranks
+
+    c, full, dy = 5, data((6, 5, 4, 3), seed=21), data((6, 5, 4, 3), seed=22, offset=0.5)
+    ref = pair("BatchNorm2d", c, seed=4)[0]
+    ref.running_mean.zero_(), ref.running_var.fill_(1.0)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    xr = full.clone().requires_grad_()
+    ref(xr).backward(dy)
+
+    def rank(comm):
+        m = dbt.SyncBatchNorm(c, process_group=comm)
+        m.load_state_dict(state)
+        x = full[3 * comm.rank:3 * comm.rank + 3].clone()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        with SAVED_HOOKS["to_contiguous" if layout == "channels_last" else "to_channels_last"]():
+            y = m(x)
+        y.backward(dy[3 * comm.rank:3 * comm.rank + 3])
+        return x.grad, m.weight.grad, m.bias.grad
+
+    got = run_ranks(2, rank)
+    assert not any(isinstance(r, BaseException) for r in got), got
+    close(torch.cat([r[0] for r in got]), xr.grad, "dx")
+    close(got[0][1] + got[1][1], ref.weight.grad, "dweight (sum of the ranks')")
+    close(got[0][2] + got[1][2], ref.bias.grad, "dbias (sum of the ranks')")
+
+
+@pytest.mark.parametrize("kwargs", [{"affine": False, "track_running_stats": False}, {"dtype": torch.float32}],
+                         ids=["no_params", "params"])
+def test_float64_default_dtype_matches_torch(kwargs):
+    """torch.set_default_dtype(torch.float64) around float32 modules and inputs changes nothing."""
+    x, dy = data((4, 3, 5, 5), seed=5), data((4, 3, 5, 5), seed=6)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref, mine = nn.BatchNorm2d(3, **kwargs), dbt.BatchNorm2d(3, **kwargs)
+        results = []
+        for module in (ref, mine):
+            xx = x.clone().requires_grad_()
+            y = module(xx)
+            y.backward(dy)
+            results.append((y, xx.grad) + ((module.weight.grad, module.bias.grad) if module.affine else ()))
+    finally:
+        torch.set_default_dtype(previous)
+    for k, (got, want) in enumerate(zip(results[1], results[0])):
+        close(got, want, f"result {k}")
+
+
+def test_device_context_around_a_cpu_module_matches_torch():
+    """A CPU module called on a CPU input inside `with torch.device("meta")` computes on the CPU, as PyTorch's."""
+    ref, mine = pair("BatchNorm2d", 4, seed=7)
+    x = data((3, 4, 5, 5), seed=8)
+    want = ref(x)
+    with torch.device("meta"):
+        got = mine(x)
+    close(got, want, "y")
+
+
+def test_dispatch_modes_see_a_batch_norm():
+    """Under a TorchDispatchMode (make_fx, FakeTensorMode, op counters) the call is PyTorch's, which the mode sees."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ref, mine = pair("BatchNorm2d", 4, seed=9)
+    ref.eval(), mine.eval()
+    traced = make_fx(mine)(data((2, 4, 3, 3), seed=10))
+    x = data((2, 4, 3, 3), seed=11)
+    close(traced(x), ref(x), "make_fx graph output")
+    with Ops() as ops:
+        mine(x)
+    assert any("batch_norm" in name for name in ops.names), ops.names
