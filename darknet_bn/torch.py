@@ -123,8 +123,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 try:
     import torch
     import torch.fx
-    import torch.utils._python_dispatch
     import torch.nn.functional as F
+    import torch.utils._python_dispatch
     from torch.autograd import forward_ad as _forward_ad
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
