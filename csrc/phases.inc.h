@@ -40,6 +40,11 @@ static inline void ROWS(fold_block)(double acc[3], double n, double per_n, doubl
 
 static inline idx_t ROWS(min)(idx_t a, idx_t b) { return a < b ? a : b; }
 
+/* A block's shift: its first value, or 0 when that is not finite (a shift of
+ * +-inf would turn the block's own infinity into inf - inf = NaN, and an
+ * infinite channel's mean into NaN). */
+static inline float ROWS(shift_of)(float v) { return ROWS(finite)(v) ? v : 0.0f; }
+
 /* Forward: acc[j] = {count, mean, m2} of channel f0 + j over the unit's
  * values (p->in), then xn = ((in - mh) - ml) * inv, y = xn * gamma + beta and
  * x = in over the unit, each written when the pass gives it. */
@@ -63,7 +68,7 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
                 for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);) {
                     const idx_t j = r.j;
                     for (idx_t i = 0; i < r.n;) {
-                        if (n[j] == 0) k[j] = in[r.off + i];
+                        if (n[j] == 0) k[j] = ROWS(shift_of)(in[r.off + i]);
                         idx_t m = ROWS(min)(r.n - i, ROWS_MOMENT_BLOCK - n[j]);
                         ROWS(shifted_sums)(in + r.off + i, m, k[j], &s1[j], &s2[j]);
                         i += m;
@@ -77,13 +82,13 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
                     if (n[j]) ROWS(fold_block)(acc[j], (double)n[j], 1.0 / (double)n[j], k[j], s1[j], s2[j]);
             } else { /* blocks of images share a shift, the block's first image */
                 double s1[DNBN_MAX_GROUP], s2[DNBN_MAX_GROUP];
+                float k[DNBN_MAX_GROUP];
                 for (idx_t b0 = w.j0; b0 < w.j1; b0 += ROWS_MOMENT_BLOCK) {
                     idx_t rows = ROWS(min)(w.j1 - b0, ROWS_MOMENT_BLOCK);
-                    const float *k = in + b0 * F + w.f0;
-                    for (idx_t j = 0; j < w.nf; j++) s1[j] = s2[j] = 0;
+                    for (idx_t j = 0; j < w.nf; j++) s1[j] = s2[j] = 0, k[j] = ROWS(shift_of)(in[b0 * F + w.f0 + j]);
                     for (idx_t b = 0; b < rows; b += ROWS_FC_BLOCK)
-                        ROWS_FC_BLOCKS(ROWS(fc_shifted_acc), ROWS(min)(rows - b, ROWS_FC_BLOCK), k + b * F, F, k, w.nf,
-                                       s1, s2);
+                        ROWS_FC_BLOCKS(ROWS(fc_shifted_acc), ROWS(min)(rows - b, ROWS_FC_BLOCK),
+                                       in + (b0 + b) * F + w.f0, F, k, w.nf, s1, s2);
                     double per_rows = 1.0 / (double)rows;
                     for (idx_t j = 0; j < w.nf; j++)
                         ROWS(fold_block)(acc[j], (double)rows, per_rows, k[j], s1[j], s2[j]);

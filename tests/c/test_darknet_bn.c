@@ -2260,6 +2260,45 @@ static void test_backward_from(void)
     }
 }
 
+/* An infinity that is its channel's first value (the first value of a moment block is the block's shift)
+ * gives that channel an infinite mean, as the exact one, not inf - inf = NaN: the layer's statistics with
+ * spatial > 1 and == 1, and dnbn_batchnorm_moments; the other channels stay as they were. */
+static void test_inf_first_value(void)
+{
+    g_test = __func__;
+    const char *tn = "an infinite first value";
+    const int B = 4, F = 3;
+    for (int spatial = 1; spatial <= 9; spatial += 8) {
+        size_t N = (size_t)B * F * spatial;
+        float *x = falloc(N);
+        for (size_t i = 0; i < N; i++) x[i] = (float)(i % 7) * 0.25f - 0.5f;
+        x[IDX(0, 0, 0, F, spatial)] = INFINITY;
+        x[IDX(0, 2, 0, F, spatial)] = -INFINITY;
+        dnbn_layer *l = dnbn_make_batchnorm_layer(B, spatial, 1, F);
+        if (!check_true(tn, "dnbn_make_batchnorm_layer", l != NULL)) {
+            free(x);
+            continue;
+        }
+        dnbn_network net = {.input = x, .delta = NULL, .train = 1};
+        check_int(tn, "training forward", dnbn_forward_batchnorm_layer(l, net), DNBN_OK);
+        char what[96];
+        snprintf(what, sizeof what, "spatial %d: layer mean of the +inf channel is +inf", spatial);
+        check_true(tn, what, isinf(l->mean[0]) && l->mean[0] > 0);
+        snprintf(what, sizeof what, "spatial %d: layer mean of the -inf channel is -inf", spatial);
+        check_true(tn, what, isinf(l->mean[2]) && l->mean[2] < 0);
+        snprintf(what, sizeof what, "spatial %d: rolling mean of the +inf channel is +inf", spatial);
+        check_true(tn, what, isinf(l->rolling_mean[0]) && l->rolling_mean[0] > 0);
+        snprintf(what, sizeof what, "spatial %d: the finite channel's mean is finite", spatial);
+        check_true(tn, what, isfinite(l->mean[1]));
+        double mean[3], m2[3];
+        dnbn_batchnorm_moments(x, B, F, spatial, mean, m2);
+        snprintf(what, sizeof what, "spatial %d: dnbn_batchnorm_moments means +inf, finite, -inf", spatial);
+        check_true(tn, what, isinf(mean[0]) && mean[0] > 0 && isfinite(mean[1]) && isinf(mean[2]) && mean[2] < 0);
+        dnbn_free_batchnorm_layer(l);
+        free(x);
+    }
+}
+
 /* NaN and Inf in the input make only their own channels non-finite, in the kernels and the layer. */
 static void test_nan_inf_channels(void)
 {
@@ -2592,6 +2631,7 @@ int main(void)
     alarm(TIMEOUT_S);
 
     test_info();
+    test_inf_first_value();
     test_threads_setting();
     test_tuning();
     test_team();
