@@ -554,7 +554,7 @@ class SyncBatchNormLayer:
             setattr(layer, name, self._pointer(store))
         for name in _CHANNELS:
             store = np.zeros(c, np.float32)
-            self._arrays[name] = store
+            self._arrays[name] = store[:]  # a view: NumPy refuses to resize it (the C layer points at store)
             setattr(layer, name, self._pointer(store))
         self._scratch = np.zeros(c * int(lib.DNBN_SCRATCH_DOUBLES), np.float64)
         layer.scratch = self._pointer(self._scratch)

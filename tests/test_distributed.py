@@ -937,3 +937,15 @@ def test_module_errors_over_thread_ranks():
     assert isinstance(got[0][0], PeerError) and got[0][0].ranks == (1,)
     assert got[0][1] == got[1][1] == 1  # only the good forward counted
     assert all(isinstance(r[2], RuntimeError) and "once_differentiable" in str(r[2]) for r in got), got
+
+
+def test_sync_layer_buffers_cannot_be_moved():
+    """Every buffer a SyncBatchNormLayer hands out is a view NumPy refuses to resize, even with refcheck=False:
+    the C layer points at their memory, and a resize would leave it writing to freed memory."""
+    layer = run_ranks(1, lambda comm: SyncBatchNormLayer(2, 3, 3, 4, comm))[0]
+    assert isinstance(layer, SyncBatchNormLayer), layer
+    names = ("output", "delta", "x", "x_norm", "scales", "biases", "scale_updates", "bias_updates", "mean",
+             "variance", "rolling_mean", "rolling_variance", "mean_delta", "variance_delta")
+    for name in names:
+        with pytest.raises(ValueError, match="does not own its data"):
+            getattr(layer, name).resize((100000,), refcheck=False)
