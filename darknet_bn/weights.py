@@ -110,6 +110,8 @@ def _read_into(f: Any, buf: memoryview) -> int:
                 n = None
         if n is None:
             raise WeightsError("f is a non-blocking file with no data ready; weights need a blocking file")
+        if not isinstance(n, int) or not 0 <= n <= len(buf) - got:
+            raise OSError(f"f.readinto() of {len(buf) - got} bytes returned {n!r}")
         if n == 0:
             break
         got += n
@@ -197,4 +199,6 @@ def write_block(f: Any, arrays: Mapping[str, np.ndarray], layout: str = "batchno
             n = len(data) - done  # a file object whose write() returns nothing took it all
         if n == 0:
             raise OSError(f"f.write() wrote nothing after {done} of {len(data)} bytes")
+        if not isinstance(n, int) or not 0 < n <= len(data) - done:
+            raise OSError(f"f.write() of {len(data) - done} bytes returned {n!r}")
         done += n

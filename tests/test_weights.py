@@ -261,6 +261,39 @@ def test_load_from_a_pipe(rng, layout):
         assert np.array_equal(bits(getattr(dst, name)), bits(getattr(src, name)))
 
 
+class BadCounts:
+    """A binary file object whose readinto/write report `count` bytes (nonsense: -1, more than asked, a float)
+    once, and raise if called again, so that a loop that does not stop at the nonsense fails instead of hanging."""
+
+    def __init__(self, count):
+        self.count, self.calls = count, 0
+
+    def _once(self):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("called again after reporting a nonsense count")
+
+    def readinto(self, buf):
+        self._once()
+        return self.count(len(buf)) if callable(self.count) else self.count
+
+    def write(self, b):
+        self._once()
+        return self.count(len(b)) if callable(self.count) else self.count
+
+
+@pytest.mark.parametrize("count", [-1, lambda n: n + 4, 2.0], ids=["negative", "more_than_asked", "float"])
+def test_nonsense_byte_counts_are_errors(rng, count):
+    """readinto or write reporting a count outside 0..len: OSError, the layer unchanged (no endless loop)."""
+    layer = random_layer(rng)
+    before = snapshot(layer)
+    with pytest.raises(OSError, match=r"f.readinto\(\) of \d+ bytes returned"):
+        layer.load_weights(BadCounts(count))
+    assert_unchanged(layer, before)
+    with pytest.raises(OSError, match=r"f.write\(\) of \d+ bytes returned"):
+        layer.save_weights(BadCounts(count))
+
+
 # ----------------------------------------------------------------------------- short reads
 
 
