@@ -112,8 +112,9 @@ def layer_options(c: int, h: int, w: int, numerics: Any, eps: Any, momentum: Any
     if numerics not in NUMERICS:
         raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
     eps = real(eps, "eps")
-    if numerics == "darknet" and eps != DARKNET_EPS:
-        raise ArgumentError("eps applies to numerics='standard'; darknet numerics use Darknet's constants")
+    if numerics == "darknet" and np.float32(eps) != np.float32(DARKNET_EPS):  # the C layer keeps eps in float32
+        raise ArgumentError(f"eps applies to numerics='standard' (got eps={eps!r}); darknet numerics use "
+                            "Darknet's constants")
     if not np.float32(eps) > 0:
         raise ArgumentError(f"eps must be > 0 in float32, got {eps}")
     momentum = DEFAULT_MOMENTUM[numerics] if momentum is None else real(momentum, "momentum", 0, 1)

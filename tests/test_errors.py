@@ -241,10 +241,12 @@ def test_constructor_bad_arguments(kw, exc, arg):
 
 
 def test_constructor_valid_edge_values():
-    """momentum 0 and 1 and eps 1e-5 for darknet are accepted (the boundaries are legal)."""
+    """momentum 0 and 1 and eps 1e-5 for darknet (also as a NumPy float32, the value the layer keeps) are
+    accepted (the boundaries are legal)."""
     darknet_bn.BatchNormLayer(1, 1, 1, 1, momentum=0.0)
     darknet_bn.BatchNormLayer(1, 1, 1, 1, momentum=1.0)
     darknet_bn.BatchNormLayer(1, 1, 1, 1, eps=1e-5)
+    darknet_bn.BatchNormLayer(1, 1, 1, 1, eps=np.float32(1e-5))
     darknet_bn.BatchNormLayer(2, 1, 1, 1, numerics="standard", eps=0.5, momentum=0.0)
 
 
