@@ -42,6 +42,23 @@ def _real_array(value: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _channels(value: Any, name: str, c: Optional[int] = None) -> np.ndarray:
+    """A per-channel array of real numbers, shape (c,) (any length when c is None)."""
+    arr = _real_array(value, name)
+    if arr.ndim != 1 or (c is not None and arr.shape[0] != c):
+        raise ArgumentError(f"{name} must have shape ({c if c is not None else 'c'},), got {arr.shape}")
+    return arr
+
+
+def _numerics_and_eps(numerics: Any, eps: Any) -> None:
+    if not isinstance(numerics, str):
+        raise ArgumentTypeError(f"numerics must be a str, got {type(numerics).__name__}")
+    if numerics not in NUMERICS:
+        raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise ArgumentTypeError(f"eps must be a real number, got {type(eps).__name__}")
+
+
 def normalizer(rolling_variance: Any, numerics: str = "darknet", eps: float = 1e-5) -> np.ndarray:
     """Return the inference normalizer per channel, in float64, as the layer's inference computes it.
 
@@ -50,8 +67,7 @@ def normalizer(rolling_variance: Any, numerics: str = "darknet", eps: float = 1e
     formula lives in the C library (``dnbn_batchnorm_normalizer``); this reads
     it there. A negative variance gives NaN, as inference itself does.
     """
-    if numerics not in NUMERICS:
-        raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
+    _numerics_and_eps(numerics, eps)
     var = np.ascontiguousarray(_real_array(rolling_variance, "rolling_variance"), dtype=np.float64)
     out = np.empty(var.shape, dtype=np.float64)
     if var.size > np.iinfo(np.int32).max:
@@ -70,8 +86,11 @@ def inference_scale(
 
     ``γ · 1/(sqrt(rolling_variance) + 1e−6)`` for ``numerics="darknet"``,
     ``γ · 1/sqrt(rolling_variance + eps)`` for ``"standard"`` (:func:`normalizer`).
+    Both arrays have shape (c,).
     """
-    return np.asarray(scales, dtype=np.float64) * normalizer(rolling_variance, numerics, eps)
+    gamma = _channels(scales, "scales")
+    var = _channels(rolling_variance, "rolling_variance", gamma.shape[0])
+    return gamma.astype(np.float64) * normalizer(var, numerics, eps)
 
 
 def fold_batchnorm(
@@ -103,10 +122,13 @@ def fold_batchnorm(
         and (c,), computed in float64 and rounded once.
 
     Raises:
-        ArgumentTypeError: weights or biases is not an array of real numbers.
-        ArgumentError: a shape does not match c.
+        ArgumentTypeError: an array is not of real numbers; numerics is not a str, eps not a number.
+        ArgumentError: a shape does not match c; numerics or eps out of range.
     """
-    c = int(np.shape(scales)[0])
+    c = _channels(scales, "scales").shape[0]
+    beta = _channels(bn_biases, "bn_biases", c)
+    mean = _channels(rolling_mean, "rolling_mean", c)
+    _channels(rolling_variance, "rolling_variance", c)
     w = _real_array(weights, "weights")
     if w.ndim < 1 or w.shape[0] != c:
         raise ArgumentError(
@@ -121,8 +143,6 @@ def fold_batchnorm(
             raise ArgumentError(f"biases must have shape ({c},), got {b.shape}")
     s = inference_scale(scales, rolling_variance, numerics, eps)
     w64 = w.astype(np.float64) * s.reshape((c,) + (1,) * (w.ndim - 1))
-    b64 = (b.astype(np.float64) - np.asarray(rolling_mean, dtype=np.float64)) * s + np.asarray(
-        bn_biases, dtype=np.float64
-    )
+    b64 = (b.astype(np.float64) - mean.astype(np.float64)) * s + beta.astype(np.float64)
     with np.errstate(over="ignore"):
         return w64.astype(np.float32), b64.astype(np.float32)

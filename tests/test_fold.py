@@ -248,3 +248,27 @@ def test_normalizer_is_the_layers_inference_normalizer(rng, numerics):
         normalizer(var, "standard", -1.0)
     with pytest.raises(ArgumentError, match="numerics"):
         normalizer(var, "alexeyab")
+
+
+ONES3 = np.ones(3)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: darknet_bn.fold.normalizer(ONES3, "standard", eps="x"), ArgumentTypeError, "eps must be a real number"),
+    (lambda: darknet_bn.fold.normalizer(ONES3, "standard", eps=True), ArgumentTypeError, "eps must be a real number"),
+    (lambda: darknet_bn.fold.normalizer(ONES3, ["darknet"]), ArgumentTypeError, "numerics must be a str"),
+    (lambda: fold_batchnorm(np.ones((3, 2)), None, scales=3.0, bn_biases=ONES3, rolling_mean=ONES3,
+                            rolling_variance=ONES3), ArgumentError, r"scales must have shape \(c,\)"),
+    (lambda: fold_batchnorm(np.ones((3, 2)), None, scales=ONES3, bn_biases=np.ones(2), rolling_mean=ONES3,
+                            rolling_variance=ONES3), ArgumentError, r"bn_biases must have shape \(3,\)"),
+    (lambda: fold_batchnorm(np.ones((3, 2)), None, scales=ONES3, bn_biases=ONES3, rolling_mean=["a"] * 3,
+                            rolling_variance=ONES3), ArgumentTypeError, "rolling_mean must be an array of real"),
+    (lambda: fold_batchnorm(np.ones((3, 2)), None, scales=ONES3, bn_biases=ONES3, rolling_mean=ONES3,
+                            rolling_variance=np.ones((3, 1))), ArgumentError, r"rolling_variance must have shape"),
+    (lambda: inference_scale(ONES3, np.ones(4)), ArgumentError, r"rolling_variance must have shape \(3,\)"),
+], ids=["eps_str", "eps_bool", "numerics_list", "scales_scalar", "bn_biases_length", "rolling_mean_strings",
+        "rolling_variance_2d", "inference_scale_lengths"])
+def test_every_argument_is_checked_by_name(call, error, match):
+    """Each argument of the fold functions gets an exception naming it, not a NumPy or Python one."""
+    with pytest.raises(error, match=match):
+        call()
