@@ -524,7 +524,10 @@ class BatchNormLayer:
     output = _buffer_property("output", "y of the last forward, (batch, c, h, w).")
     delta = _buffer_property("delta", "-dLoss/dy before backward, -dLoss/dx after it, (batch, c, h, w).")
     x = _buffer_property("x", "The input of the last training forward, (batch, c, h, w).")
-    x_norm = _buffer_property("x_norm", "The normalized input of the last training forward, (batch, c, h, w).")
+    x_norm = _buffer_property("x_norm", "The normalized input of the last training forward, (batch, c, h, w).\n\n"
+                              "Written by forward only while an x_norm array is alive, otherwise computed from x\n"
+                              "when read: writing x after the forward (the next batch into layer.x) changes it,\n"
+                              "as it changes what backward reads (docs/reference.md §3).")
     scales = _buffer_property("scales", "gamma, (c,); starts at 1.")
     biases = _buffer_property("biases", "beta, (c,); starts at 0.")
     scale_updates = _buffer_property("scale_updates", "Accumulated sum of delta*x_norm, (c,).")
