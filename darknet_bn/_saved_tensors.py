@@ -28,8 +28,10 @@ def as_saved(t: torch.Tensor, shape: Sequence[int], layout: torch.memory_format,
                            f"shape {tuple(t.shape)}, expected {tuple(shape)}")
     if type(t) not in PLAIN_TYPES:
         t = t.as_subclass(torch.Tensor)
-    if t.dtype is not torch.float32 or not t.is_cpu or t.layout is not torch.strided:
-        t = t.to(dtype=torch.float32, device="cpu", layout=torch.strided)
+    if t.layout is not torch.strided:
+        t = t.to_dense()
+    if t.dtype is not torch.float32 or not t.is_cpu:
+        t = t.to(dtype=torch.float32, device="cpu")
     t = t.contiguous(memory_format=layout)
     if t.numel() and t.data_ptr() == 0:
         raise RuntimeError(f"darknet_bn.torch backward: the saved {what} has no memory of its own")

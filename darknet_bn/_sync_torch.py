@@ -239,13 +239,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         step = "SyncBatchNorm.backward"
         s: _Struct = ctx.struct
         c = s.c
-        x, weight = ctx.saved_tensors  # forward saved x contiguous (NCHW)
-        x = as_saved(x, ctx.shape, torch.contiguous_format, "input")
-        weight = None if weight is None else as_saved(weight, (c,), torch.contiguous_format, "weight")
         sum_dy, sum_dy_dev = np.zeros(c, np.float64), np.zeros(c, np.float64)
         failure: Optional[BaseException] = None
         dy = grad_output
-        try:
+        try:  # everything that can fail before the collective, so that a failure here reaches the peers
+            x, weight = ctx.saved_tensors  # forward saved x contiguous (NCHW)
+            x = as_saved(x, ctx.shape, torch.contiguous_format, "input")
+            weight = None if weight is None else as_saved(weight, (c,), torch.contiguous_format, "weight")
             dy = grad_output.to(torch.float32).contiguous()
             if s.values:
                 layer = s.layer

@@ -860,3 +860,42 @@ def test_dispatch_modes_see_a_batch_norm():
     with Ops() as ops:
         mine(x)
     assert any("batch_norm" in name for name in ops.names), ops.names
+
+
+@pytest.mark.parametrize("cast", [torch.float64, torch.float16], ids=["float64", "float16"])
+def test_saved_tensor_hook_of_another_dtype(cast):
+    """A hook that stores the saved tensors in another dtype (to save memory, say) gets them cast back:
+    float64 exactly PyTorch's gradients without the hook, float16 within its own rounding."""
+    x, dy = data((4, 3, 5, 5), seed=13), data((4, 3, 5, 5), seed=14, offset=0.5)
+    ref, mine = pair("BatchNorm2d", 3, seed=5)
+    xr = x.clone().requires_grad_()
+    ref(xr).backward(dy)
+    xm = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.to(cast), lambda t: t):
+        y = mine(xm)
+    y.backward(dy)
+    tol = dict(rtol=RTOL, atol=ATOL) if cast is torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    close(xm.grad, xr.grad, "dx", **tol)
+    close(mine.weight.grad, ref.weight.grad, "dweight", **tol)
+
+
+def test_sync_batchnorm_backward_failure_reaches_the_peers():
+    """A rank whose backward fails before the collective (its saved-tensor hook raises) raises its error, and
+    the other rank a PeerError, instead of waiting in the collective."""
+    from _dist_threads import run_ranks
+    from darknet_bn.distributed import PeerError
+
+    def unpack(t):
+        raise RuntimeError("unpack failed on purpose")
+
+    def rank(comm):
+        m = dbt.SyncBatchNorm(3, process_group=comm)
+        x = data((4, 3, 2, 2), seed=30 + comm.rank).requires_grad_()
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack if comm.rank == 1 else (lambda t: t))
+        with hooks:
+            y = m(x)
+        y.sum().backward()
+
+    got = run_ranks(2, rank, timeout=30)
+    assert isinstance(got[1], RuntimeError) and "unpack failed on purpose" in str(got[1]), got
+    assert isinstance(got[0], PeerError), got
