@@ -44,6 +44,10 @@ Differences from PyTorch's class:
   and every other rank raises ``darknet_bn.distributed.PeerError``, with the
   module unchanged everywhere, so no rank waits for it. A rank that dies or
   never calls in makes the others raise after the process group's timeout.
+* At a module's first synchronized forward over a group the ranks check, with
+  one more collective, that their modules agree on ``num_features``, eps,
+  momentum, affine and track_running_stats (every rank raises the same
+  ``ArgumentError`` otherwise); PyTorch's does not check.
 * ``process_group`` may also be an mpi4py communicator or any
   ``darknet_bn.distributed.Communicator``; the module then synchronizes over it
   in training whenever it has more than one rank.
@@ -58,6 +62,8 @@ parameters and buffers, as PyTorch's classmethod does.
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -69,7 +75,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._graph_break import graph_break
 from ._lib import check, ffi, lib
 from ._saved_tensors import as_saved
-from .distributed import Communicator, TorchCommunicator, as_communicator, sync_backward_sums, sync_moments
+from .distributed import (Communicator, TorchCommunicator, _agree_settings, as_communicator, sync_backward_sums,
+                          sync_moments)
 from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["SyncBatchNorm"]
@@ -277,12 +284,36 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
+# module -> (pid, id(process_group)) of its ranks' agreement on its settings (_agree_once)
+_AGREED: "weakref.WeakKeyDictionary[torch.nn.Module, Tuple[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def _agree_once(module: "SyncBatchNorm", comm: Communicator) -> None:
+    """At a module's first synchronized forward (in this process, over this group), check with one collective
+    that every rank's module has the same settings.
+
+    Without it, ranks with different ``num_features`` would exchange payloads of
+    different sizes (gloo aborts the process, MPI truncates) and different eps
+    or momentum would give each rank its own results. Later changes on one rank
+    alone are not checked (that would take a collective per step).
+    """
+    key = (os.getpid(), id(module.process_group))
+    if _AGREED.get(module) == key:
+        return
+    _agree_settings(comm, {"num_features": module.num_features, "eps": module.eps,
+                           "momentum": -1.0 if module.momentum is None else module.momentum,
+                           "affine": float(module.affine), "track_running_stats": float(module.track_running_stats)},
+                    "SyncBatchNorm.forward")
+    _AGREED[module] = key
+
+
 @graph_break
 def _sync_batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float,
-                     momentum: float, comm: Communicator, num_features: int) -> torch.Tensor:
+                     momentum: float, comm: Communicator, module: "SyncBatchNorm") -> torch.Tensor:
+    _agree_once(module, comm)
     return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps, momentum, comm,
-                                        num_features)
+                                        module.num_features)
 
 
 def _is_torch_group(group: Any) -> bool:
@@ -371,7 +402,7 @@ class SyncBatchNorm(_BatchNorm):
             return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
                               self.eps)
         out = _sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, self.eps, factor, comm,
-                               self.num_features)
+                               self)
         if advance:
             self.num_batches_tracked.add_(1)
         return out

@@ -365,6 +365,20 @@ def sync_moments(
     return total, g_mean, g_m2
 
 
+def _agree_settings(comm: Communicator, settings: Dict[str, float], step: str) -> None:
+    """Check by one allgather that every rank gave the same ``settings`` (name -> number).
+
+    Every rank sees the same rows, so on a disagreement every rank raises the
+    same :class:`ArgumentError`, naming the setting and each rank's value.
+    """
+    names = tuple(settings)
+    rows = _rows(comm, np.array([float(settings[n]) for n in names], np.float64), step)
+    for i, name in enumerate(names):
+        if np.any(rows[:, i] != rows[0, i]):
+            values = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(rows[:, i]))
+            raise ArgumentError(f"{step}: every rank must give the same {name}, got {values}")
+
+
 def sync_backward_sums(
     comm: Communicator,
     sum_dy: np.ndarray,

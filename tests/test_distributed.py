@@ -842,7 +842,8 @@ def test_convert_sync_batchnorm():
 @needs_torch
 @pytest.mark.parametrize("split", [(3, 5), (0, 8), (2, 0, 3)])
 def test_module_over_thread_ranks(split):
-    """SyncBatchNorm with a non-torch Communicator as its group: the whole batch's results, one collective per phase."""
+    """SyncBatchNorm with a non-torch Communicator as its group: the whole batch's results, one collective per phase
+    (and one more at the module's first synchronized forward, where the ranks check they agree on its settings)."""
     import torch
 
     from darknet_bn._sync_torch import SyncBatchNorm
@@ -865,8 +866,11 @@ def test_module_over_thread_ranks(split):
         y.backward(torch.from_numpy(cases.shard(data["dy1"], split, comm.rank)))
         m.eval()
         m(x.detach())  # eval: no collective
+        n_step, running_var = len(rec.log), m.running_var.numpy().copy()
+        m.train()
+        m(x.detach())  # a later training forward: the moments alone
         return y.detach().numpy(), x.grad.numpy(), m.weight.grad.numpy(), m.bias.grad.numpy(), \
-            m.running_var.numpy(), n_forward, len(rec.log)
+            running_var, n_forward, n_step, len(rec.log) - n_step
 
     got = run_ranks(len(split), one_rank)
     for r in got:
@@ -877,7 +881,7 @@ def test_module_over_thread_ranks(split):
     assert_close(np.sum([r[3] for r in got], axis=0), st.bias_updates, what="bias grad summed over ranks")
     assert all(np.array_equal(bits(r[4]), bits(got[0][4])) for r in got)
     assert_close(got[0][4], st.rolling_variance, what="running_var")
-    assert all(r[5] == 1 and r[6] == 2 for r in got), [(r[5], r[6]) for r in got]
+    assert all(r[5:] == (2, 3, 1) for r in got), [r[5:] for r in got]
 
 
 @needs_torch
@@ -949,3 +953,28 @@ def test_sync_layer_buffers_cannot_be_moved():
     for name in names:
         with pytest.raises(ValueError, match="does not own its data"):
             getattr(layer, name).resize((100000,), refcheck=False)
+
+
+@needs_torch
+@pytest.mark.parametrize("setting,differ", [
+    ("num_features", lambda r: dict(num_features=3 + r)),
+    ("eps", lambda r: dict(num_features=3, eps=1e-5 if r else 1e-3)),
+    ("momentum", lambda r: dict(num_features=3, momentum=None if r else 0.1)),
+    ("track_running_stats", lambda r: dict(num_features=3, track_running_stats=bool(r))),
+])
+def test_module_ranks_must_agree_on_settings(setting, differ):
+    """Ranks whose SyncBatchNorm modules differ get the same ArgumentError at the first synchronized forward,
+    naming the setting and each rank's value (not payloads of different sizes, nor silently different results)."""
+    import torch
+
+    from darknet_bn._sync_torch import SyncBatchNorm
+
+    def one_rank(comm):
+        m = SyncBatchNorm(process_group=comm, **differ(comm.rank))
+        return m(torch.ones(4, m.num_features, 2, 2) * (1 + comm.rank) + torch.arange(16.0).view(4, 1, 2, 2))
+
+    got = run_ranks(2, one_rank)
+    for r in got:
+        assert isinstance(r, darknet_bn.ArgumentError), got
+        assert f"every rank must give the same {setting}, got rank 0: " in str(r), str(r)
+    assert str(got[0]) == str(got[1])
