@@ -174,8 +174,8 @@ static dnbn_pass make_pass(dnbn_layer *l, dnbn_part *pt, int reads, const float 
 /* Channel f's statistics from its moments over m values: mean, variance,
  * running stats, and the normalizer kept for the elementwise pass and for
  * backward. per_m = 1/m and per_m1 = 1/(m - 1) come from the caller, once
- * per call: over many channels this loop waits on the divider, so a channel
- * divides once, for its normalizer. */
+ * for a group of channels: over many channels this loop waits on the
+ * divider, so a channel divides once, for its normalizer. */
 static inline void finish_stats(dnbn_layer *l, idx_t f, double per_m, double per_m1, double mean, double m2)
 {
     double unbiased = m2 * per_m1, var, inv;

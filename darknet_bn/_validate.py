@@ -39,10 +39,24 @@ def size(value: Any, name: str) -> int:
     return n
 
 
-def real(value: Any, name: str, low: Optional[float] = None, high: Optional[float] = None) -> float:
-    """Return ``value`` as a float that is finite in float32 (C takes it as a float), within [low, high]."""
+def number(value: Any, name: str) -> None:
+    """Check that ``value`` is a real number (a Python or NumPy int or float, not a bool)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def numerics_name(value: Any) -> str:
+    """Check that ``value`` names numerics ('darknet' or 'standard'); return it."""
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"numerics must be a str, got {type(value).__name__}")
+    if value not in NUMERICS:
+        raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {value!r}")
+    return value
+
+
+def real(value: Any, name: str, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    """Return ``value`` as a float that is finite in float32 (C takes it as a float), within [low, high]."""
+    number(value, name)
     try:
         x = float(value)
     except OverflowError:
@@ -107,10 +121,7 @@ def layer_options(c: int, h: int, w: int, numerics: Any, eps: Any, momentum: Any
     (momentum defaulted from the numerics)."""
     if c * h * w > INT_MAX:
         raise ArgumentError(f"c*h*w must fit in a C int (<= {INT_MAX}), got {c * h * w}")
-    if not isinstance(numerics, str):
-        raise ArgumentTypeError(f"numerics must be a str, got {type(numerics).__name__}")
-    if numerics not in NUMERICS:
-        raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
+    numerics = numerics_name(numerics)
     eps = real(eps, "eps")
     if numerics == "darknet" and np.float32(eps) != np.float32(DARKNET_EPS):  # the C layer keeps eps in float32
         raise ArgumentError(f"eps applies to numerics='standard' (got eps={eps!r}); darknet numerics use "

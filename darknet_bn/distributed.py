@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import operator
 import sys
-from typing import Any, BinaryIO, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -374,9 +374,14 @@ def _agree_settings(comm: Communicator, settings: Dict[str, float], step: str) -
     names = tuple(settings)
     rows = _rows(comm, np.array([float(settings[n]) for n in names], np.float64), step)
     for i, name in enumerate(names):
-        if np.any(rows[:, i] != rows[0, i]):
-            values = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(rows[:, i]))
-            raise ArgumentError(f"{step}: every rank must give the same {name}, got {values}")
+        _check_same(step, name, rows[:, i])
+
+
+def _check_same(step: str, name: str, column: np.ndarray, show: Callable[[float], str] = "{:g}".format) -> None:
+    """Raise ArgumentError naming ``name`` and each rank's value unless every rank's entry of ``column`` is equal."""
+    if np.any(column != column[0]):
+        values = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(column))
+        raise ArgumentError(f"{step}: every rank must give the same {name}, got {values}")
 
 
 def sync_backward_sums(
@@ -531,12 +536,11 @@ class SyncBatchNormLayer:
             header[0] = 1.0
         rows = _rows(self._comm, header, step)
         _raise_failures(step, failure, rows[:, 0], self._comm.size)
+        numerics_names = {code: text for text, code in _NUMERICS.items()}
         for i, name in enumerate(_HEADER):
-            if name in _AGREED and np.any(rows[:, i] != rows[0, i]):
-                names = {code: text for text, code in _NUMERICS.items()}
-                shown = [names.get(int(v), v) if name == "numerics" else f"{v:g}" for v in rows[:, i]]
-                values = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
-                raise ArgumentError(f"{step}: every rank must give the same {name}, got {values}")
+            if name in _AGREED:
+                _check_same(step, name, rows[:, i],
+                            (lambda v: str(numerics_names.get(int(v), v))) if name == "numerics" else "{:g}".format)
         total = int(rows[:, _HEADER.index("batch")].sum())
         if total < 1:
             raise ArgumentError(f"{step}: the batch over all ranks is empty (every rank has batch=0)")

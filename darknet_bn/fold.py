@@ -50,15 +50,6 @@ def _channels(value: Any, name: str, c: Optional[int] = None) -> np.ndarray:
     return arr
 
 
-def _numerics_and_eps(numerics: Any, eps: Any) -> None:
-    if not isinstance(numerics, str):
-        raise ArgumentTypeError(f"numerics must be a str, got {type(numerics).__name__}")
-    if numerics not in NUMERICS:
-        raise ArgumentError(f"numerics must be 'darknet' or 'standard', got {numerics!r}")
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
-        raise ArgumentTypeError(f"eps must be a real number, got {type(eps).__name__}")
-
-
 def normalizer(rolling_variance: Any, numerics: str = "darknet", eps: float = 1e-5) -> np.ndarray:
     """Return the inference normalizer per channel, in float64, as the layer's inference computes it.
 
@@ -67,7 +58,8 @@ def normalizer(rolling_variance: Any, numerics: str = "darknet", eps: float = 1e
     formula lives in the C library (``dnbn_batchnorm_normalizer``); this reads
     it there. A negative variance gives NaN, as inference itself does.
     """
-    _numerics_and_eps(numerics, eps)
+    _validate.numerics_name(numerics)
+    _validate.number(eps, "eps")
     var = np.ascontiguousarray(_real_array(rolling_variance, "rolling_variance"), dtype=np.float64)
     out = np.empty(var.shape, dtype=np.float64)
     if var.size > np.iinfo(np.int32).max:
