@@ -177,7 +177,8 @@ static inline int dnbn_next_row(const dnbn_part *pt, dnbn_unit w, dnbn_unit_row 
  * parameters. Sums are returned in double. Both implementations evaluate the
  * same operations in the same order (no FMA contraction), so they agree bit
  * for bit; the wide one is just faster. `stream` asks for non-temporal stores
- * (see rows.inc.h): same values, less memory traffic for large tensors. */
+ * (see rows.inc.h): same values, less memory traffic for large tensors; the
+ * caller fences once after its last row (the phases do). */
 typedef struct dnbn_rows {
     const char *name;
     double (*sum)(const float *x, idx_t n);                                /* sum x */

@@ -312,12 +312,15 @@ static inline void ROWS(out8)(float *p, rv8f v, int nt)
     ROWS(st8)(p, v);
 }
 
-static inline void ROWS(stream_end)(int nt)
+/* After a phase's last streamed row: orders its non-temporal stores before
+ * the pass's end lets anyone read them (once per phase call, not per row:
+ * a fence per 1 KB piece doubled a streamed 44 MB forward). */
+static inline void ROWS(stream_end)(int stream)
 {
 #ifdef ROWS_AVX2
-    if (nt) _mm_sfence(); /* order the streamed stores before anyone reads them */
+    if (stream) _mm_sfence();
 #endif
-    (void)nt;
+    (void)stream;
 }
 
 static inline void ROWS(forward_train1)(const float *in, float *x, float *xn, float *y, idx_t i, float mh, float ml,
@@ -389,7 +392,6 @@ ROWS_INLINE void ROWS(forward_train)(const float *in, float *x, float *xn, float
     i = nt ? ROWS(train_steps)(in, x, xn, y, i, n, mh, ml, inv, gamma, beta, 1)
            : ROWS(train_steps)(in, x, xn, y, i, n, mh, ml, inv, gamma, beta, 0);
     for (; i < n; i++) ROWS(forward_train1)(in, x, xn, y, i, mh, ml, inv, gamma, beta);
-    ROWS(stream_end)(nt);
 }
 
 ROWS_INLINE void ROWS(forward_infer)(const float *in, float *y, idx_t n, float mh, float ml, float inv, float gamma,
@@ -404,7 +406,6 @@ ROWS_INLINE void ROWS(forward_infer)(const float *in, float *y, idx_t n, float m
     i = nt ? ROWS(infer_steps)(in, y, i, n, mh, ml, inv, gamma, beta, 1)
            : ROWS(infer_steps)(in, y, i, n, mh, ml, inv, gamma, beta, 0);
     for (; i < n; i++) ROWS(norm1)(in[i], mh, ml, inv, gamma, beta, &unused, &y[i]);
-    ROWS(stream_end)(nt);
 }
 
 ROWS_INLINE void ROWS(backward_apply)(float *out, const float *dy, const float *x, idx_t n, double a, double k,
@@ -423,7 +424,6 @@ ROWS_INLINE void ROWS(backward_apply)(float *out, const float *dy, const float *
         ROWS(out8)(out + i, __builtin_shufflevector(flo, fhi, 0, 1, 2, 3, 4, 5, 6, 7), nt);
     }
     for (; i < n; i++) out[i] = (float)((dy[i] * a + ((double)x[i] - k) * b) + c);
-    ROWS(stream_end)(nt);
 }
 
 /* ---- channel-vector primitives: n consecutive channels of one image when

@@ -1749,13 +1749,21 @@ typedef struct phase_record {
                        backward sums, public moments */
 } phase_record;
 
+/* Runs a phase over units [0, units): in one call (a fused phase then walks each unit's elementwise
+ * half beside the next unit's reduction), or in one call per unit (each unit alone). */
+static void run_units(void (*phase)(void *, idx_t, idx_t), dnbn_pass *p, idx_t units, int one_by_one)
+{
+    if (!one_by_one) phase(p, 0, units);
+    for (idx_t u = 0; one_by_one && u < units; u++) phase(p, u, u + 1);
+}
+
 /* Runs the layer's passes through build r's phases on one thread, unit by unit of the hand-made
- * partition pt, as the public calls sequence them: a training forward (fused, or with split channels
+ * partition pt (in one call or a call per unit: run_units), as the public calls sequence them: a training forward (fused, or with split channels
  * the parts' moments, merged, then the elementwise pass), the forward's elementwise pass again writing
  * x_norm alone and y alone, the backward likewise and again in place, the backward sums and the public
  * moments (reduction alone, into arrays), an inference forward. Every output starts as GARBAGE. */
 static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, const float *x, const float *dy,
-                       int stream, phase_record rec)
+                       int stream, int one_by_one, phase_record rec)
 {
     idx_t total = (idx_t)l->batch * l->outputs, F = l->out_c, units = dnbn_units(pt);
     double partial[DNBN_MAX_PARTIALS][3], sums[4][64];
@@ -1769,22 +1777,22 @@ static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, c
         void (*phase)(void *, idx_t, idx_t) = backward ? r->backward_phase : r->forward_phase;
         if (pt->parts > 1) {
             p.partial = partial, p.map = 0;
-            phase(&p, 0, units);
+            run_units(phase, &p, units, one_by_one);
             dnbn_pass_merge(&p);
             p.partial = NULL, p.reduce = 0, p.map = 1;
         }
-        phase(&p, 0, units);
+        run_units(phase, &p, units, one_by_one);
         if (!backward) { /* the elementwise pass alone: x_norm only, then y only (the lighter loop) */
             dnbn_pass q = {.l = l, .r = r, .pt = pt, .in = x, .xn = rec.t[PR_XN_ONLY], .map = 1, .trial = trial};
-            phase(&q, 0, units);
+            run_units(phase, &q, units, one_by_one);
             q.xn = NULL, q.y = rec.t[PR_LIGHT];
-            phase(&q, 0, units);
+            run_units(phase, &q, units, one_by_one);
         }
         /* the reduction alone, into the caller's arrays (backward sums; public moments) */
         dnbn_pass q = {.l = backward ? l : NULL, .r = r, .pt = pt, .in = p.in, .backward = backward, .reduce = 1,
                        .sums = {sums[2 * backward], sums[2 * backward + 1]},
                        .partial = pt->parts > 1 ? partial : NULL, .trial = trial};
-        phase(&q, 0, units);
+        run_units(phase, &q, units, one_by_one);
         if (q.partial) dnbn_pass_merge(&q);
     }
     const float *chan[PC_FLOATS] = {l->mean,          l->variance,     l->rolling_mean, l->rolling_variance,
@@ -1799,10 +1807,10 @@ static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, c
     memcpy(l->delta, dy, (size_t)total * sizeof(float));
     dnbn_pass b = {.l = l, .r = r, .pt = pt, .in = l->delta, .backward = 1, .reduce = pt->parts == 1, .map = 1,
                    .count = (double)pt->m, .trial = trial};
-    r->backward_phase(&b, 0, units);
+    run_units(r->backward_phase, &b, units, one_by_one);
     memcpy(rec.t[PR_IN_PLACE], l->delta, (size_t)total * sizeof(float));
     dnbn_pass p = {.l = l, .r = r, .pt = pt, .in = x, .y = l->output, .map = 1, .infer = 1, .trial = trial};
-    r->forward_phase(&p, 0, units);
+    run_units(r->forward_phase, &p, units, one_by_one);
     memcpy(rec.t[PR_INFER], l->output, (size_t)total * sizeof(float));
 }
 
@@ -1810,7 +1818,9 @@ static void run_phases(const dnbn_rows *r, dnbn_layer *l, const dnbn_part *pt, c
  * channels one by one and in groups, channels split in parts whose units start and end inside images,
  * spatial == 1 tiles and image ranges, more than one block of moments; ordinary and special values,
  * streaming stores on and off. The passes that write one output alone, and the backward in place,
- * give the bits of the full pass; and the portable build's results on ordinary values are the
+ * give the bits of the full pass; each build's passes give the same bits in one call (each unit's
+ * reduction beside the last unit's elementwise half) as unit by unit (rows longer than a piece, and
+ * a block of moments ending inside a row, in the cases of 300 values and more); and the portable build's results on ordinary values are the
  * float64 oracle's (docs/reference.md §3/§4, §6 tolerance), so that what both builds share is
  * checked too. */
 static void test_phases_bit_identical(void)
@@ -1823,11 +1833,12 @@ static void test_phases_bit_identical(void)
     static const int cases[][5] = {{3, 4, 37, 1, 1},   {3, 4, 37, 3, 1},   {3, 4, 37, 1, 5},  {2, 3, 16, 2, 1},
                                    {4, 2, 5, 1, 3},    {2, 3, 64, 1, 7},   {5, 19, 1, 19, 1}, {5, 19, 1, 8, 1},
                                    {70, 9, 1, 9, 4},   {70, 9, 1, 4, 3},   {9, 40, 1, 40, 2}, {4, 16, 2048 + 37, 2, 1},
-                                   {4200, 6, 1, 6, 1}, {4200, 6, 1, 3, 2}};
+                                   {4200, 6, 1, 6, 1}, {4200, 6, 1, 3, 2}, {2, 6, 300, 1, 1},  {4, 16, 2048 + 37, 2, 1},
+                                   {3, 5, 777, 2, 1}};
     enum { CASES = sizeof cases / sizeof cases[0] };
     rng_t r;
     rng_init(&r, 20261205);
-    int compared = 0, differ = 0, alone_differ = 0;
+    int compared = 0, differ = 0, alone_differ = 0, walk_differ = 0;
     for (int c = 0; c < CASES; c++) {
         int B = cases[c][0], F = cases[c][1], S = cases[c][2], special = c % 3 == 2;
         int numerics = c % 2 ? DNBN_NUMERICS_STANDARD : DNBN_NUMERICS_DARKNET;
@@ -1840,15 +1851,15 @@ static void test_phases_bit_identical(void)
         }
         float *x = falloc((size_t)total), *dy = falloc((size_t)total);
         for (idx_t i = 0; i < total; i++) {
-            x[i] = special ? prim_value(&r) : (float)rng_gauss(&r) * 4 + 2;
-            dy[i] = (float)rng_gauss(&r);
+            x[i] = special ? prim_value(&r) : (float)ldexp(rng_gauss(&r), (int)(rng_unif(&r) * 24) - 12) + 2;
+            dy[i] = (float)ldexp(rng_gauss(&r), (int)(rng_unif(&r) * 24) - 12);
         }
         float par[4][64];
         for (int k = 0; k < 4; k++)
             for (int f = 0; f < F; f++) par[k][f] = k == 3 ? (float)(0.5 + rng_unif(&r)) : (float)rng_gauss(&r);
         for (int stream = 0; stream < 2; stream++) {
-            phase_record rec[2];
-            for (int b = 0; b < 2; b++) {
+            phase_record rec[4]; /* generic, avx2; each in one call, then unit by unit */
+            for (int b = 0; b < 4; b++) {
                 dnbn_layer *l = dnbn_make_batchnorm_layer(B, S, 1, F);
                 if (numerics == DNBN_NUMERICS_STANDARD) dnbn_batchnorm_layer_set_numerics(l, numerics, 1e-3f, 0.1f);
                 for (int f = 0; f < F; f++)
@@ -1856,11 +1867,15 @@ static void test_phases_bit_identical(void)
                     l->rolling_variance[f] = par[3][f];
                 for (int k = 0; k < PR_N; k++) rec[b].t[k] = falloc((size_t)total);
                 rec[b].chan = dalloc((size_t)nchan);
-                run_phases(b ? v : g, l, &pt, x, dy, stream, rec[b]);
+                run_phases(b % 2 ? v : g, l, &pt, x, dy, stream, b >= 2, rec[b]);
                 dnbn_free_batchnorm_layer(l);
             }
             for (int k = 0; k < PR_N; k++) differ += !same_floats(rec[0].t[k], rec[1].t[k], (size_t)total);
             differ += !same_doubles(rec[0].chan, rec[1].chan, (size_t)nchan);
+            for (int b = 0; b < 2; b++) {
+                for (int k = 0; k < PR_N; k++) walk_differ += !same_floats(rec[b].t[k], rec[b + 2].t[k], (size_t)total);
+                walk_differ += !same_doubles(rec[b].chan, rec[b + 2].chan, (size_t)nchan);
+            }
             for (int b = 0; b < 2; b++)
                 alone_differ += !same_floats(rec[b].t[PR_XN_ONLY], rec[b].t[PR_XN], (size_t)total) +
                                 !same_floats(rec[b].t[PR_LIGHT], rec[b].t[PR_OUT], (size_t)total) +
@@ -1891,7 +1906,7 @@ static void test_phases_bit_identical(void)
                 check_buf(tn, "inference output vs oracle", rec[0].t[PR_INFER], o.out, (size_t)total, 0);
                 ol_free(&o);
             }
-            for (int b = 0; b < 2; b++) {
+            for (int b = 0; b < 4; b++) {
                 for (int k = 0; k < PR_N; k++) free(rec[b].t[k]);
                 free(rec[b].chan);
             }
@@ -1900,6 +1915,7 @@ static void test_phases_bit_identical(void)
     }
     check_int(tn, "passes whose outputs differ in any bit", differ, 0);
     check_int(tn, "outputs written alone or in place that differ from the full pass's", alone_differ, 0);
+    check_int(tn, "passes whose outputs differ between one call and a call per unit", walk_differ, 0);
     check_int(tn, "passes compared", compared, 2 * CASES);
 }
 
