@@ -170,7 +170,8 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
         if (S > 1) {
             const ROWS(forward_args) f = {in, mh, ml, inv, g, bt, x, xn, y, stream};
             summed = p->reduce && u + 1 < hi && pt->parts == 1;
-            if (summed) { /* this unit's values and the next one's moments, piece by piece */
+            if (summed) { /* this unit's values and the next one's moments, piece by piece (the next unit has
+                           * at most this one's channels: only a pass's last unit has fewer) */
                 const dnbn_unit v = dnbn_unit_at(pt, u + 1);
                 ROWS(moments) *m = mo[cur ^= 1];
                 ROWS(moments_start)(m, v.nf);
