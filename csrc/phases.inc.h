@@ -205,6 +205,7 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
     ROWS(stream_end)(stream);
 }
 
+/* A row's backward sums, in the pieces every reduction cuts it in. */
 ROWS_INLINE void ROWS(sums_row)(const float *dy, const float *x, idx_t n, double k, double *s, double *sd)
 {
     idx_t i = 0;

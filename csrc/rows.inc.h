@@ -46,13 +46,13 @@ static inline rv4d ROWS(ld4d)(const float *p)
 
 /* Software prefetch for the passes that read a tensor from memory first (the
  * statistics, the backward sums, the reduction kernels, and inference, whose
- * one pass reads from memory: 32x64x112x112 on one core 16.8 -> 15.7 ms,
- * 8x32x208x208 4.1 -> 3.7 ms, medians of 3, alternating builds): one
- * request per 64-byte line (per 32 bytes in the inference loop), PREFETCH_AHEAD
- * bytes ahead of the loads. The
- * hardware prefetchers alone left a single-threaded statistics pass at about
- * half the machine's read bandwidth on a 2-core Intel Xeon VM (8x32x208x208
- * training forward: 10.3-11.5 ms without, 7.3-8.4 ms with). The address is
+ * one pass reads from memory): one request per 64-byte line (per 32 bytes in
+ * the inference loop), PREFETCH_AHEAD bytes ahead of the loads. The hardware
+ * prefetchers alone left a single-threaded statistics pass at about half the
+ * machine's read bandwidth on a 2-core Intel Xeon VM (8x32x208x208 training
+ * forward: 10.3-11.5 ms without, 7.3-8.4 ms with); inference on one core took
+ * 16.8 ms without and 15.7 ms with on 32x64x112x112, 4.1 and 3.7 ms on
+ * 8x32x208x208 (medians of 3, alternating builds). The address is
  * formed as an integer: it may lie past the end of the row, which a prefetch
  * may touch (it never faults) but pointer arithmetic may not. */
 #define ROWS_PREFETCH_AHEAD 2048
