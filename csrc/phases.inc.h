@@ -103,12 +103,12 @@ static inline void ROWS(moments_end)(ROWS(moments) *m, double acc[3])
 typedef struct ROWS(forward_args) {
     const float *in, *mh, *ml, *inv, *g, *bt;
     float *x, *xn, *y;
-    int stream;
+    int light, stream; /* light: nothing to keep (neither x nor xn) */
 } ROWS(forward_args);
 
 ROWS_INLINE void ROWS(forward_values)(const ROWS(forward_args) *f, idx_t o, idx_t n, idx_t j)
 {
-    if (!f->x && !f->xn) /* nothing to keep: the lighter loop, the same arithmetic */
+    if (f->light) /* the lighter loop, the same arithmetic */
         ROWS(forward_infer)(f->in + o, f->y + o, n, f->mh[j], f->ml[j], f->inv[j], f->g[j], f->bt[j], f->stream);
     else
         ROWS(forward_train)(f->in + o, f->x ? f->x + o : NULL, f->xn ? f->xn + o : NULL, f->y ? f->y + o : NULL, n,
@@ -131,7 +131,7 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
     const idx_t F = pt->filters, S = pt->spatial;
     const float *in = p->in;
     float *x = p->x, *xn = p->xn, *y = p->y;
-    const int stream = p->trial.stream;
+    const int stream = p->trial.stream, light = !x && !xn;
     ROWS(moments) mo[2][DNBN_MAX_GROUP]; /* spatial > 1: this unit's [cur] and the next one's */
     int cur = 0, summed = 0;             /* summed: this unit's moments came with the last unit */
     for (idx_t u = lo; u < hi; u++) {
@@ -168,7 +168,7 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
         dnbn_pass_forward_terms(p, w, mh, ml, inv);
         const float *g = p->l->scales + w.f0, *bt = p->l->biases + w.f0;
         if (S > 1) {
-            const ROWS(forward_args) f = {in, mh, ml, inv, g, bt, x, xn, y, stream};
+            const ROWS(forward_args) f = {in, mh, ml, inv, g, bt, x, xn, y, light, stream};
             summed = p->reduce && u + 1 < hi && pt->parts == 1;
             if (summed) { /* this unit's values and the next one's moments, piece by piece (the next unit has
                            * at most this one's channels: only a pass's last unit has fewer) */
@@ -188,7 +188,7 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
                 for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);)
                     ROWS(forward_values)(&f, r.off, r.n, r.j);
             }
-        } else if (!x && !xn) {
+        } else if (light) {
             for (idx_t b = w.j0; b < w.j1; b += ROWS_FC_BLOCK) {
                 idx_t off = b * F + w.f0;
                 ROWS_FC_BLOCKS(ROWS(fc_forward_infer), ROWS(min)(w.j1 - b, ROWS_FC_BLOCK), in + off, y + off, F, w.nf,
@@ -203,6 +203,13 @@ static void ROWS(forward_phase)(void *arg, idx_t lo, idx_t hi)
         }
     }
     ROWS(stream_end)(stream);
+}
+
+/* A unit's backward sums before its values: the forward's means k, sums s and sd at 0. */
+static inline void ROWS(sums_start)(const dnbn_pass *p, dnbn_unit w, double *k, double *s, double *sd)
+{
+    dnbn_pass_means(p, w, k);
+    for (idx_t j = 0; j < w.nf; j++) s[j] = sd[j] = 0;
 }
 
 /* A row's backward sums, in the pieces every reduction cuts it in. */
@@ -232,10 +239,9 @@ static void ROWS(backward_phase)(void *arg, idx_t lo, idx_t hi)
     for (idx_t u = lo; u < hi; u++) {
         const dnbn_unit w = dnbn_unit_at(pt, u);
         double *kw = k[cur], *sw = s[cur], *sdw = sd[cur];
-        if (!summed) dnbn_pass_means(p, w, kw);
+        if (!summed) ROWS(sums_start)(p, w, kw, sw, sdw);
         if (p->reduce) {
             if (!summed) {
-                for (idx_t j = 0; j < w.nf; j++) sw[j] = sdw[j] = 0;
                 if (S > 1) {
                     for (dnbn_unit_row r = dnbn_rows_before(pt, w); dnbn_next_row(pt, w, &r);)
                         ROWS(sums_row)(dy + r.off, x + r.off, r.n, kw[r.j], &sw[r.j], &sdw[r.j]);
@@ -260,8 +266,7 @@ static void ROWS(backward_phase)(void *arg, idx_t lo, idx_t hi)
                 const dnbn_unit v = dnbn_unit_at(pt, u + 1);
                 cur ^= 1;
                 double *kv = k[cur], *sv = s[cur], *sdv = sd[cur];
-                dnbn_pass_means(p, v, kv);
-                for (idx_t j = 0; j < v.nf; j++) sv[j] = sdv[j] = 0;
+                ROWS(sums_start)(p, v, kv, sv, sdv);
                 for (idx_t im = 0; im < pt->batch; im++)
                     for (idx_t j = 0; j < w.nf; j++) {
                         const idx_t ow = (im * F + w.f0 + j) * S, ov = (im * F + v.f0 + j) * S;
