@@ -15,11 +15,14 @@
  * forward writes it when l->keep_x_norm is set (the default, as Darknet), and
  * dnbn_batchnorm_layer_fill_x_norm computes it later, bit for bit the same.
  */
+#define _DEFAULT_SOURCE /* madvise */
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -38,6 +41,31 @@ static void reset_running(dnbn_layer *l)
         l->rolling_mean[f] = 0.0f;
         l->rolling_variance[f] = l->numerics == DNBN_NUMERICS_STANDARD ? 1.0f : 0.0f;
     }
+}
+
+/* Large buffers on huge pages where the system grants them on request
+ * (transparent huge pages in "madvise" mode, as NumPy asks for its large
+ * arrays): a pass over a tensor then misses the TLB once per 2 MB instead of
+ * once per page. Measured on a 2-core Intel Xeon VM (C benchmark, one
+ * thread, medians of 3, alternating builds): 32x64x112x112 inference 14.0 ->
+ * 12.6 ms, training forward 24.3 -> 21.1 ms, backward 27.9 -> 26.4 ms;
+ * 8x128x52x52 training step 4.15 -> 3.50 ms. Smaller buffers hold less than
+ * the two huge pages' worth that makes one whole aligned huge page certain.
+ * The advice covers the whole pages inside the buffer; where it is refused
+ * or unknown nothing changes. */
+#define HUGE_ADVICE_MIN_BYTES ((size_t)4 << 20)
+
+static void advise_huge_pages(void *p, size_t bytes)
+{
+#ifdef MADV_HUGEPAGE
+    long size = sysconf(_SC_PAGESIZE);
+    if (bytes < HUGE_ADVICE_MIN_BYTES || size <= 0) return;
+    const uintptr_t page = (uintptr_t)size, lo = ((uintptr_t)p + page - 1) / page * page,
+                    hi = ((uintptr_t)p + bytes) / page * page;
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p, (void)bytes;
+#endif
 }
 
 dnbn_layer *dnbn_make_batchnorm_layer(int batch, int w, int h, int c)
@@ -80,12 +108,14 @@ dnbn_layer *dnbn_make_batchnorm_layer(int batch, int w, int h, int c)
         errno = EINVAL;
         return NULL;
     }
-    l->memory = calloc(1, 64 + n_act * act + n_chan * chan + scratch);
+    size_t bytes = 64 + n_act * act + n_chan * chan + scratch;
+    l->memory = calloc(1, bytes);
     if (!l->memory) {
         free(l);
         errno = ENOMEM;
         return NULL;
     }
+    advise_huge_pages(l->memory, bytes);
     char *next = (char *)(((uintptr_t)l->memory + 63) / 64 * 64);
     for (size_t i = 0; i < n_act; i++, next += act) *activations[i] = (float *)next;
     for (size_t i = 0; i < n_chan; i++, next += chan) *channels[i] = (float *)next;

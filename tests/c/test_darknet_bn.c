@@ -1342,6 +1342,55 @@ static void test_make_errors(void)
     check_true("dnbn_free_batchnorm_layer(NULL)", "returns", 1);
 }
 
+/* The VmFlags line of the mapping holding address a in /proc/self/smaps into
+ * flags (empty when it cannot be read); returns whether the mapping was found. */
+static int mapping_flags(const void *a, char *flags, size_t size)
+{
+    flags[0] = '\0';
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return 0;
+    char line[512];
+    int in = 0, found = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long lo, hi;
+        if (sscanf(line, "%llx-%llx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+            in = (uintptr_t)a >= lo && (uintptr_t)a < hi;
+        } else if (in && strncmp(line, "VmFlags:", 8) == 0) {
+            size_t n = strlen(line + 8) < size - 1 ? strlen(line + 8) : size - 1;
+            memcpy(flags, line + 8, n);
+            flags[n] = '\0';
+            found = 1;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* A layer of 4 MB and more asks for huge pages over its buffers (docs/reference.md §5): the mapping
+ * holding its activations carries the kernel's "hg" flag. Checked where the kernel has transparent
+ * huge pages and shows the flags (Linux); elsewhere the advice is not given and nothing is asserted. */
+static void test_huge_page_advice(void)
+{
+    g_test = __func__;
+    const char *tn = "dnbn_make_batchnorm_layer(8, 52, 52, 128)";
+    if (access("/sys/kernel/mm/transparent_hugepage/enabled", R_OK) != 0) {
+        check_true(tn, "skipped: no transparent huge pages here", 1);
+        return;
+    }
+    dnbn_layer *l = dnbn_make_batchnorm_layer(8, 52, 52, 128); /* 11 MB per activation tensor */
+    char flags[256];
+    check_true(tn, "made", l != NULL);
+    if (!l) return;
+    const float *buffers[] = {l->output, l->delta, l->x, l->x_norm};
+    for (size_t k = 0; k < sizeof buffers / sizeof *buffers; k++) {
+        int found = mapping_flags(buffers[k] + 1024 * 1024, flags, sizeof flags); /* 4 MB in: a whole page */
+        check_true(tn, "mapping of an activation buffer listed in /proc/self/smaps", found);
+        check_true(tn, "that mapping advised for huge pages (VmFlags hg)", found && strstr(flags, " hg") != NULL);
+    }
+    dnbn_free_batchnorm_layer(l);
+}
+
 /* Layer functions on a layer whose sizes are zero, negative or inconsistent, or whose buffers are NULL,
  * return DNBN_ERR_ARG and write nothing; moments of a shard without values are 0; a layer of batch 0
  * (an empty shard) takes global statistics and moves its running statistics. */
@@ -2683,6 +2732,7 @@ int main(void)
     test_forward_m_below_2();
     test_backward_state();
     test_make_errors();
+    test_huge_page_advice();
     test_layer_edges();
     test_paths_run_what_they_name();
     test_partition_leaves_work_for_late_workers();
