@@ -291,14 +291,15 @@ static void record_training(dnbn_layer *l)
  * gradient coefficients (backward). */
 static void keep_channels(const dnbn_pass *p, idx_t f0, idx_t n, double (*acc)[3], idx_t stride)
 {
-    double m = p->count; /* every channel's count: the pass's (a training pass has m >= 2) */
+    /* every channel's count: the pass's (a training pass has m >= 2); its reciprocals once for all channels */
+    const double m = p->count, per_m = 1.0 / m, per_m1 = 1.0 / (m - 1);
     if (p->sums[0])
         for (idx_t j = 0; j < n; j++) p->sums[0][f0 + j] = acc[j * stride][1], p->sums[1][f0 + j] = acc[j * stride][2];
     else if (p->backward)
-        for (idx_t j = 0; j < n; j++) finish_sums(p->l, f0 + j, 1.0 / m, acc[j * stride][1], acc[j * stride][2]);
+        for (idx_t j = 0; j < n; j++) finish_sums(p->l, f0 + j, per_m, acc[j * stride][1], acc[j * stride][2]);
     else
         for (idx_t j = 0; j < n; j++)
-            finish_stats(p->l, f0 + j, 1.0 / m, 1.0 / (m - 1), acc[j * stride][1], acc[j * stride][2]);
+            finish_stats(p->l, f0 + j, per_m, per_m1, acc[j * stride][1], acc[j * stride][2]);
 }
 
 void dnbn_pass_keep(const dnbn_pass *p, idx_t u, dnbn_unit w, double (*acc)[3])

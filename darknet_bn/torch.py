@@ -297,16 +297,21 @@ def _new_layer(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, biases:
     return ffi.from_buffer("dnbn_layer *", memory)
 
 
+def _filled(c: int, value: float) -> torch.Tensor:
+    """A float32 CPU tensor of ``c`` values ``value`` (explicit dtype and device: see :func:`_forward`)."""
+    return torch.full((c,), value, dtype=torch.float32, device="cpu")
+
+
 def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
              momentum: float, eps: float) -> Tuple[torch.Tensor, Any, Tuple[torch.Tensor, ...]]:
     """The C layer's forward: (output, the layer struct, the tensors its pointers need alive)."""
     c = x.shape[1]
-    scales = weight if weight is not None else torch.ones(c, dtype=torch.float32, device="cpu")
-    biases = bias if bias is not None else torch.zeros(c, dtype=torch.float32, device="cpu")
+    scales = weight if weight is not None else _filled(c, 1.0)
+    biases = bias if bias is not None else _filled(c, 0.0)
     tracked = running_mean is not None and running_var is not None
-    rolling_mean = running_mean if tracked else torch.zeros(c, dtype=torch.float32, device="cpu")
-    rolling_var = running_var if tracked else torch.ones(c, dtype=torch.float32, device="cpu")
+    rolling_mean = running_mean if tracked else _filled(c, 0.0)
+    rolling_var = running_var if tracked else _filled(c, 1.0)
     out = torch.empty_like(x, memory_format=torch.preserve_format)  # x's layout, contiguous or NHWC
     # Every tensor C reads or writes gets its dtype and device here, not from
     # torch.set_default_dtype or a `with torch.device(...)` block around the call.
@@ -412,7 +417,7 @@ def _train_backward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], d
         dx = torch.empty_like(x, memory_format=torch.preserve_format)
         # backward accumulates (+=) into the updates: they start at zero. Two
         # tensors, not views of one, as they become weight.grad and bias.grad.
-        dw, db = torch.zeros(c, dtype=torch.float32, device="cpu"), torch.zeros(c, dtype=torch.float32, device="cpu")
+        dw, db = _filled(c, 0.0), _filled(c, 0.0)
         layer.delta = _fp(dx)
         layer.scale_updates, layer.bias_updates = _fp(dw), _fp(db)
         try:
